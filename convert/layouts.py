@@ -1,0 +1,258 @@
+"""Checkpoint configs: detect the layout and normalize both to the original (Microsoft) field names.
+
+The MLX model reads the normalized form only. The PyTorch path goes the other way, from the normalized form
+to the transformers 5.x `VibeVoiceConfig` fields (architecture.md §2, §7).
+"""
+
+import copy
+from typing import Any, Dict, Optional
+
+from .keys import ORIGINAL, TRANSFORMERS
+
+
+class LayoutError(ValueError):
+    """A config or checkpoint that matches neither supported layout."""
+
+
+_QWEN2_FIELDS = [
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "rms_norm_eps",
+    "vocab_size",
+    "max_position_embeddings",
+    "rope_theta",
+    "tie_word_embeddings",
+    "hidden_act",
+]
+
+
+def detect_layout(config: Dict[str, Any]) -> str:
+    """'original' for Microsoft's config (decoder_config), 'transformers' for the 5.x one (text_config)."""
+    if config.get("model_type") not in (None, "vibevoice"):
+        raise LayoutError(
+            f"model_type is {config.get('model_type')!r}, not 'vibevoice': this is not a VibeVoice 1.5B/7B "
+            "checkpoint (the Realtime-0.5B model is not supported)."
+        )
+    if "decoder_config" in config and "acoustic_tokenizer_config" in config:
+        return ORIGINAL
+    if "text_config" in config and "audio_config" in config:
+        return TRANSFORMERS
+    raise LayoutError(
+        "config.json has neither 'decoder_config' (original layout) nor 'text_config' (transformers layout): "
+        "point --model at a VibeVoice checkpoint folder."
+    )
+
+
+def _depths_str(depths) -> str:
+    return "-".join(str(int(d)) for d in depths)
+
+
+def _parse_depths(depths) -> list:
+    if isinstance(depths, str):
+        return [int(d) for d in depths.split("-")]
+    return [int(d) for d in depths]
+
+
+def _qwen2(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    out = {"model_type": "qwen2"}
+    rope = cfg.get("rope_parameters") or {}
+    for k in _QWEN2_FIELDS:
+        if k in cfg and cfg[k] is not None:
+            out[k] = cfg[k]
+    if "rope_theta" not in out:
+        out["rope_theta"] = rope.get("rope_theta", 1000000.0)
+    out.setdefault("max_position_embeddings", 32768)
+    out.setdefault("hidden_act", "silu")
+    if cfg.get("rope_scaling") or rope.get("rope_type", "default") != "default":
+        raise LayoutError("rope scaling is not used by VibeVoice checkpoints and is not supported.")
+    return out
+
+
+def _tokenizer_from_original(cfg: Dict[str, Any], semantic: bool) -> Dict[str, Any]:
+    enc_depths = _parse_depths(cfg.get("encoder_depths", "3-3-3-3-3-3-8"))
+    dec_depths = cfg.get("decoder_depths")
+    dec_depths = _parse_depths(dec_depths) if dec_depths else list(reversed(enc_depths))
+    ratios = list(cfg.get("encoder_ratios", [8, 5, 5, 4, 2, 2]))
+    dec_ratios = list(cfg.get("decoder_ratios") or ratios)
+    for k, v in [("causal", True), ("conv_norm", "none"), ("pad_mode", "constant"), ("layernorm", "RMSNorm"),
+                 ("mixer_layer", "depthwise_conv"), ("conv_bias", True), ("disable_last_norm", True)]:
+        if cfg.get(k, v) != v:
+            raise LayoutError(f"tokenizer setting {k}={cfg[k]!r} is not supported (VibeVoice uses {v!r}).")
+    return {
+        "channels": int(cfg.get("channels", 1)),
+        "vae_dim": int(cfg["vae_dim"]),
+        "encoder_n_filters": int(cfg.get("encoder_n_filters", 32)),
+        "decoder_n_filters": int(cfg.get("decoder_n_filters", cfg.get("encoder_n_filters", 32))),
+        "encoder_ratios": ratios,
+        "decoder_ratios": dec_ratios,
+        "encoder_depths": _depths_str(enc_depths),
+        "decoder_depths": _depths_str(dec_depths),
+        "kernel_size": int(cfg.get("kernel_size", 7)),
+        "last_kernel_size": int(cfg.get("last_kernel_size", 7)),
+        "ffn_expansion": int(cfg.get("ffn_expansion", 4)),
+        "layernorm_eps": float(cfg.get("layernorm_eps", 1e-5)),
+        "fix_std": float(cfg.get("fix_std", 0.0 if semantic else 0.5)),
+        "std_dist_type": cfg.get("std_dist_type", "none" if semantic else "gaussian"),
+    }
+
+
+def _tokenizer_from_transformers(cfg: Dict[str, Any], semantic: bool) -> Dict[str, Any]:
+    depths = _parse_depths(cfg.get("depths", [3, 3, 3, 3, 3, 3, 8]))
+    ratios = list(reversed(cfg.get("downsampling_ratios", [2, 2, 4, 5, 5, 8])))
+    return {
+        "channels": int(cfg.get("channels", 1)),
+        "vae_dim": int(cfg["hidden_size"]),
+        "encoder_n_filters": int(cfg.get("num_filters", 32)),
+        "decoder_n_filters": int(cfg.get("num_filters", 32)),
+        "encoder_ratios": ratios,
+        "decoder_ratios": ratios,
+        "encoder_depths": _depths_str(depths),
+        "decoder_depths": _depths_str(reversed(depths)),
+        "kernel_size": int(cfg.get("kernel_size", 7)),
+        "last_kernel_size": int(cfg.get("kernel_size", 7)),
+        "ffn_expansion": int(cfg.get("ffn_expansion", 4)),
+        "layernorm_eps": float(cfg.get("rms_norm_eps", 1e-5)),
+        "fix_std": 0.0 if semantic else float(cfg.get("vae_std", 0.625)) * 0.8,
+        "std_dist_type": "none" if semantic else "gaussian",
+    }
+
+
+def _head_from_original(cfg: Dict[str, Any], hidden: int, latent: int) -> Dict[str, Any]:
+    return {
+        "hidden_size": hidden,
+        "latent_size": latent,
+        "head_layers": int(cfg.get("head_layers", 4)),
+        "head_ffn_ratio": float(cfg.get("head_ffn_ratio", 3.0)),
+        "rms_norm_eps": float(cfg.get("rms_norm_eps", 1e-5)),
+        "frequency_embedding_size": int(cfg.get("frequency_embedding_size", 256)),
+        "ddpm_num_steps": int(cfg.get("ddpm_num_steps", 1000)),
+        "ddpm_beta_schedule": cfg.get("ddpm_beta_schedule", "cosine"),
+        "prediction_type": cfg.get("prediction_type", "v_prediction"),
+    }
+
+
+def normalize_config(config: Dict[str, Any], layout: Optional[str] = None) -> Dict[str, Any]:
+    """A config of either layout in the original field names, with derived values made explicit."""
+    layout = layout or detect_layout(config)
+    if layout == ORIGINAL:
+        dec = _qwen2(config["decoder_config"])
+        # The original ties lm_head when the top-level flag is truthy; absent means true (architecture.md §4.4).
+        tie = bool(config.get("tie_word_embeddings", dec.get("tie_word_embeddings", True)))
+        acoustic = _tokenizer_from_original(config["acoustic_tokenizer_config"], semantic=False)
+        semantic = _tokenizer_from_original(config["semantic_tokenizer_config"], semantic=True)
+        head = _head_from_original(config.get("diffusion_head_config", {}), dec["hidden_size"], acoustic["vae_dim"])
+        token_ids = {}
+    elif layout == TRANSFORMERS:
+        dec = _qwen2(config["text_config"])
+        tie = bool(config["text_config"].get("tie_word_embeddings", False))
+        acoustic = _tokenizer_from_transformers(config["audio_config"], semantic=False)
+        semantic = _tokenizer_from_transformers(config.get("semantic_model_config") or {"hidden_size": 128},
+                                                semantic=True)
+        h = config.get("diffusion_head_config", {})
+        head = _head_from_original(
+            {
+                "head_layers": h.get("num_hidden_layers", 4),
+                "head_ffn_ratio": h.get("intermediate_size", 3 * dec["hidden_size"]) / dec["hidden_size"],
+                "rms_norm_eps": h.get("rms_norm_eps", 1e-5),
+                "frequency_embedding_size": h.get("frequency_embedding_size", 256),
+            },
+            dec["hidden_size"],
+            acoustic["vae_dim"],
+        )
+        token_ids = {
+            "speech_start": config.get("audio_bos_token_id", 151652),
+            "speech_end": config.get("audio_eos_token_id", 151653),
+            "speech_diffusion": config.get("audio_token_id", 151654),
+            "eos": config.get("eos_token_id", 151643),
+        }
+    else:
+        raise LayoutError(f"Unknown layout {layout!r}.")
+    dec["tie_word_embeddings"] = tie
+    out = {
+        "model_type": "vibevoice",
+        "decoder_config": dec,
+        "acoustic_tokenizer_config": acoustic,
+        "semantic_tokenizer_config": semantic,
+        "diffusion_head_config": head,
+        "acoustic_vae_dim": acoustic["vae_dim"],
+        "semantic_vae_dim": semantic["vae_dim"],
+        "tie_word_embeddings": tie,
+    }
+    if token_ids:
+        out["token_ids"] = token_ids
+    _validate(out)
+    return out
+
+
+def _validate(cfg: Dict[str, Any]) -> None:
+    import math
+
+    a, s = cfg["acoustic_tokenizer_config"], cfg["semantic_tokenizer_config"]
+    for name, t in [("acoustic", a), ("semantic", s)]:
+        if len(_parse_depths(t["encoder_depths"])) != len(t["encoder_ratios"]) + 1:
+            raise LayoutError(f"{name} tokenizer: encoder_depths needs one entry more than encoder_ratios.")
+    if math.prod(a["encoder_ratios"]) != math.prod(s["encoder_ratios"]):
+        raise LayoutError("acoustic and semantic tokenizers must share one hop length.")
+    if list(reversed(_parse_depths(a["encoder_depths"]))) != _parse_depths(a["decoder_depths"]):
+        raise LayoutError("decoder_depths other than the reversed encoder depths are not supported.")
+    if a["decoder_ratios"] != a["encoder_ratios"]:
+        raise LayoutError("decoder_ratios other than encoder_ratios are not supported.")
+
+
+def hop_length(normalized: Dict[str, Any]) -> int:
+    import math
+
+    return int(math.prod(normalized["acoustic_tokenizer_config"]["encoder_ratios"]))
+
+
+def to_transformers_config(normalized: Dict[str, Any]) -> Dict[str, Any]:
+    """The transformers 5.x `VibeVoiceConfig` kwargs for a normalized config."""
+    cfg = copy.deepcopy(normalized)
+    dec = cfg["decoder_config"]
+    text = {k: v for k, v in dec.items() if k not in ("rope_theta",)}
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": dec["rope_theta"]}
+    text["tie_word_embeddings"] = cfg["tie_word_embeddings"]
+    text["use_sliding_window"] = False
+
+    def tok(t, semantic):
+        out = {
+            "channels": t["channels"],
+            "hidden_size": t["vae_dim"],
+            "kernel_size": t["kernel_size"],
+            "rms_norm_eps": t["layernorm_eps"],
+            "num_filters": t["encoder_n_filters"],
+            "downsampling_ratios": list(reversed(t["encoder_ratios"])),
+            "depths": _parse_depths(t["encoder_depths"]),
+            "ffn_expansion": t["ffn_expansion"],
+        }
+        if semantic:
+            out["model_type"] = "vibevoice_acoustic_tokenizer_encoder"
+        else:
+            out["vae_std"] = t["fix_std"] / 0.8
+        return out
+
+    head = cfg["diffusion_head_config"]
+    out = {
+        "text_config": text,
+        "audio_config": tok(cfg["acoustic_tokenizer_config"], False),
+        "semantic_model_config": tok(cfg["semantic_tokenizer_config"], True),
+        "diffusion_head_config": {
+            "hidden_size": head["hidden_size"],
+            "latent_size": head["latent_size"],
+            "num_hidden_layers": head["head_layers"],
+            "intermediate_size": int(round(head["head_ffn_ratio"] * head["hidden_size"])),
+            "rms_norm_eps": head["rms_norm_eps"],
+            "frequency_embedding_size": head["frequency_embedding_size"],
+        },
+    }
+    ids = cfg.get("token_ids") or {}
+    for ours, theirs in [("speech_start", "audio_bos_token_id"), ("speech_end", "audio_eos_token_id"),
+                         ("speech_diffusion", "audio_token_id"), ("eos", "eos_token_id")]:
+        if ours in ids:
+            out[theirs] = ids[ours]
+    if "eos" in ids:
+        out["pad_token_id"] = ids["eos"]
+    return out
