@@ -1,0 +1,71 @@
+"""Helpers shared by tests/ and parity_tests/: the cached tiny checkpoint and `assert_close`."""
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict
+
+import numpy as np
+
+_BUILT: Dict[tuple, Dict[str, Path]] = {}
+
+
+def tiny_checkpoint(root: Path = None, seed: int = 0, dtype: str = "float32", tie: bool = None) -> Dict[str, Path]:
+    """Build (once per process and arguments) the tiny fixture in both layouts; returns {layout: folder}."""
+    from .fixtures import build
+
+    key = (seed, dtype, tie)
+    if key not in _BUILT:
+        root = Path(root or tempfile.mkdtemp(prefix="vv-tiny-"))
+        _BUILT[key] = build(root / f"seed{seed}-{dtype}-{tie}", "tiny", seed=seed, dtype=dtype, tie=tie)
+    return _BUILT[key]
+
+
+def to_numpy(x) -> np.ndarray:
+    """float64 numpy copy of an MLX array, torch tensor or array-like (bf16 included)."""
+    if hasattr(x, "detach"):
+        return x.detach().float().cpu().numpy().astype(np.float64)
+    try:
+        import mlx.core as mx
+
+        if isinstance(x, mx.array):
+            return np.array(x.astype(mx.float32)).astype(np.float64)
+    except ImportError:
+        pass
+    return np.asarray(x, dtype=np.float64)
+
+
+def max_abs_error(got, want) -> float:
+    return float(np.max(np.abs(to_numpy(got) - to_numpy(want)))) if np.size(to_numpy(want)) else 0.0
+
+
+def assert_close(name: str, got, want, atol: float, rtol: float = 0.0) -> float:
+    """Assert |got - want| <= atol + rtol * |want| everywhere; report max abs/rel error and where.
+
+    Returns the max abs error so callers can record it. Prints one line per call (shown with `pytest -s` and in
+    failure output), so observed errors can be copied into parity_tests/README.md.
+    """
+    g, w = to_numpy(got), to_numpy(want)
+    assert g.shape == w.shape, f"{name}: shape {g.shape} != expected {w.shape}"
+    assert np.all(np.isfinite(g)), f"{name}: non-finite values in result"
+    diff = np.abs(g - w)
+    err = float(diff.max()) if diff.size else 0.0
+    where = np.unravel_index(int(diff.argmax()), diff.shape) if diff.size else ()
+    rel = float((diff / (np.abs(w) + 1e-12)).max()) if diff.size else 0.0
+    scale = float(np.abs(w).max()) if w.size else 0.0
+    line = (f"[parity] {name}: max_abs={err:.3e} at {tuple(int(i) for i in where)} max_rel={rel:.3e} "
+            f"signal_max={scale:.3e} (atol={atol:g}, rtol={rtol:g})")
+    print(line)
+    if os.environ.get("VIBEVOICE_PARITY_LOG"):
+        with open(os.environ["VIBEVOICE_PARITY_LOG"], "a") as f:
+            f.write(line + "\n")
+    bad = diff > atol + rtol * np.abs(w)
+    assert not bad.any(), f"{line}: {int(bad.sum())} of {bad.size} values out of tolerance"
+    return err
+
+
+def snr_db(got, want) -> float:
+    """Signal-to-noise ratio of `got` against reference `want`, in dB."""
+    g, w = to_numpy(got), to_numpy(want)
+    noise = np.sum((g - w) ** 2)
+    return float("inf") if noise == 0 else float(10 * np.log10(np.sum(w**2) / noise))
