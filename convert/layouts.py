@@ -144,7 +144,8 @@ def normalize_config(config: Dict[str, Any], layout: Optional[str] = None) -> Di
         acoustic = _tokenizer_from_original(config["acoustic_tokenizer_config"], semantic=False)
         semantic = _tokenizer_from_original(config["semantic_tokenizer_config"], semantic=True)
         head = _head_from_original(config.get("diffusion_head_config", {}), dec["hidden_size"], acoustic["vae_dim"])
-        token_ids = {}
+        # Microsoft's config names no token ids (they come from the tokenizer); a normalized config may carry them.
+        token_ids = dict(config.get("token_ids") or {})
     elif layout == TRANSFORMERS:
         dec = _qwen2(config["text_config"])
         tie = bool(config["text_config"].get("tie_word_embeddings", False))

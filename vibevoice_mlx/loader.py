@@ -1,0 +1,130 @@
+"""One loader for raw PyTorch folders (either layout), converted MLX folders and quantized ones."""
+
+import glob
+import json
+import logging
+from pathlib import Path
+from typing import Dict, Optional, Tuple, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .convert.keys import to_original
+from .convert.layouts import detect_layout
+from .model import Model, ModelConfig
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+
+
+class LoadError(ValueError):
+    """A model folder that cannot be loaded as it is; the message says what to do."""
+
+
+def default_dtype() -> mx.Dtype:
+    """float16 on a GPU (Metal, CUDA), float32 on the CPU, where MLX's float16 matmuls are slow."""
+    return mx.float16 if mx.default_device() == mx.gpu else mx.float32
+
+
+def read_weights(folder: Path) -> Tuple[Dict[str, mx.array], str]:
+    """All safetensors of a folder, and their format ("mlx" for converted folders, else "pt")."""
+    files = sorted(glob.glob(str(folder / "*.safetensors")))
+    if not files:
+        if glob.glob(str(folder / "*.bin")) or glob.glob(str(folder / "*.pt")):
+            raise LoadError(
+                f"{folder} holds pickled PyTorch weights only: convert them first with "
+                f"`vibevoice-mlx convert --model {folder} --mlx-path <out> --allow-pickle`."
+            )
+        raise LoadError(f"No *.safetensors files in {folder}.")
+    weights, fmt = {}, None
+    for f in files:
+        try:
+            w, meta = mx.load(f, return_metadata=True)
+        except Exception as e:  # mlx raises plain RuntimeError/ValueError on a damaged file
+            raise LoadError(f"Cannot read {f}: {e}. The file is damaged or truncated: download or convert again.")
+        fmt = fmt or (meta or {}).get("format", "pt")
+        weights.update(w)
+    return weights, fmt
+
+
+def load_config(folder: Path) -> Dict:
+    path = folder / "config.json"
+    if not path.exists():
+        raise LoadError(f"No config.json in {folder}: point --model at a VibeVoice model folder.")
+    return json.loads(path.read_text())
+
+
+def check_weights(model: nn.Module, weights: Dict[str, mx.array]) -> None:
+    """Strict: every parameter present with its shape, nothing extra. Errors name the tensors."""
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    shapes = [
+        f"{k} {tuple(weights[k].shape)} (expected {tuple(expected[k].shape)})"
+        for k in expected
+        if k in weights and tuple(weights[k].shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:5])}")
+    if extra:
+        problems.append(f"unexpected {len(extra)} tensor(s): {', '.join(extra[:5])}")
+    if shapes:
+        problems.append(f"wrong shape: {', '.join(shapes[:5])}")
+    if problems:
+        raise LoadError("Checkpoint does not match the model config: " + "; ".join(problems) + ".")
+
+
+def cast_weights(model: Model, weights: Dict[str, mx.array], dtype: mx.Dtype) -> Dict[str, mx.array]:
+    out = {}
+    for k, v in weights.items():
+        floating = mx.issubdtype(v.dtype, mx.floating)
+        if floating and not model.cast_predicate(k):
+            v = v.astype(mx.float32)
+        elif floating and not (k.endswith(".scales") or k.endswith(".biases")):
+            v = v.astype(dtype)
+        out[k] = v
+    return out
+
+
+def load_model(
+    path: Union[str, Path], dtype: Optional[Union[str, mx.Dtype]] = None, revision: Optional[str] = None
+) -> Tuple[Model, Path]:
+    """Load a VibeVoice model from a converted MLX folder, a raw PyTorch folder (either layout) or a hub id.
+
+    `dtype` (float16 / bfloat16 / float32) defaults to float16 on a GPU and float32 on the CPU; the tensors that
+    architecture.md §8 keeps in float32 stay float32 whatever it is. Returns (model, local folder).
+    """
+    folder = resolve_folder(path, revision)
+    raw_config = load_config(folder)
+    weights, fmt = read_weights(folder)
+    layout = "mlx" if fmt == "mlx" else detect_layout(raw_config)
+    config = ModelConfig.from_dict(raw_config)
+    model = Model(config)
+    if config.quantization:
+        q = config.quantization
+        nn.quantize(model, group_size=q["group_size"], bits=q["bits"], class_predicate=model.quant_predicate)
+    if layout != "mlx":
+        weights = to_original(weights, layout)
+    weights = model.sanitize(weights, layout)
+    check_weights(model, weights)
+    if isinstance(dtype, str):
+        dtype = DTYPES[dtype]
+    weights = cast_weights(model, weights, dtype or default_dtype())
+    model.load_weights(list(weights.items()), strict=True)
+    mx.eval(model.parameters())
+    model.eval()
+    logger.info("Loaded %s (%s layout) as %s", folder, layout, dtype or default_dtype())
+    return model, folder
+
+
+def resolve_folder(path: Union[str, Path], revision: Optional[str] = None) -> Path:
+    """A local folder as is, else a hub repo id through the cache (see hub.py)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return p
+    from .hub import resolve
+
+    return Path(resolve(str(path), revision=revision))
