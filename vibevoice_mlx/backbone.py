@@ -49,7 +49,7 @@ def prefill(lm: qwen2.Qwen2Model, embeds: mx.array, cache, chunk_size: int = 512
     h = None
     for start in range(0, embeds.shape[1], chunk_size):
         h = forward(lm, embeds[:, start : start + chunk_size], cache)
-        mx.eval(h, [c.state for c in cache])
+        mx.eval(h, [(c.keys, c.values) for c in cache])
     return None if h is None else h[:, -1:]
 
 
@@ -72,7 +72,7 @@ class CFGCache:
             n = c.offset
             b = BatchKVCache([0, n])
             if n:
-                k, v = c.state
+                k, v = c.keys_and_values()
                 b.keys = mx.concatenate([k, mx.zeros_like(k)], axis=0)
                 b.values = mx.concatenate([v, mx.zeros_like(v)], axis=0)
                 b._idx = n
@@ -106,5 +106,6 @@ class CFGCache:
             c.offset = mx.array([int(c.offset[0].item()), 0])
 
     @property
-    def state(self):
-        return [c.state for c in self.layers]
+    def arrays(self):
+        """The cache arrays, for mx.eval."""
+        return [(c.keys, c.values, c.offset, c.left_padding) for c in self.layers]
