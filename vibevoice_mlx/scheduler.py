@@ -1,0 +1,133 @@
+"""DPM-Solver++ 2M as VibeVoice uses it (spec §3.6), and the CFG latent sampler of one frame (spec §6.5).
+
+Equals diffusers' `DPMSolverMultistepScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")`
+with all other settings default: midpoint second order, first order on the first and the last step, final sigma 0.
+Everything here is float32 (σ₀ ≈ 2e4, so σ² overflows fp16); the initial noise is an argument.
+"""
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import List, Optional, Tuple
+
+import mlx.core as mx
+import numpy as np
+
+from .diffusion_head import DiffusionHead
+
+
+@dataclass(frozen=True)
+class _Step:
+    """Float32 scalars of one solver step from σ_i to σ_{i+1}, in diffusers' order of operations."""
+
+    order: int  # 0 marks the last step (σ_{i+1} = 0): the result is x0 itself
+    alpha: float  # α_i: x0 = α_i x - s_i v
+    sigma: float  # s_i
+    ratio: float  # s_{i+1} / s_i
+    phi: float  # α_{i+1} (e^{-h} - 1)
+    inv_r: float  # h / h0, second order only
+
+
+class DPMSolver:
+    """Deterministic multistep DPM-Solver++ (order 2, midpoint) with the cosine schedule and v-prediction.
+
+    Stateless across frames by construction: the history (previous x0) lives in the caller's loop, so every
+    call of `sample_latent` starts fresh, as `set_timesteps` does in the reference.
+    """
+
+    def __init__(self, num_train_timesteps: int = 1000, beta_schedule: str = "cosine",
+                 prediction_type: str = "v_prediction"):
+        if beta_schedule not in ("cosine", "squaredcos_cap_v2"):
+            raise ValueError(f"Unsupported beta_schedule {beta_schedule!r}: VibeVoice uses 'cosine'.")
+        if prediction_type != "v_prediction":
+            raise ValueError(f"Unsupported prediction_type {prediction_type!r}: VibeVoice uses 'v_prediction'.")
+        self.num_train_timesteps = num_train_timesteps
+
+        def alpha_bar(u):
+            return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        T = num_train_timesteps
+        betas = np.array([min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), 0.999) for i in range(T)], np.float32)
+        # The reference's fp32 cumprod accumulates in double on the CPU; doing the same gives its table bit for bit.
+        alphas_cumprod = np.cumprod((1 - betas).astype(np.float64)).astype(np.float32)
+        self.train_sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5  # float32 [T]
+        self._plan = lru_cache(maxsize=None)(self._make_plan)
+
+    def timesteps(self, n: int) -> List[int]:
+        """The n timesteps, high to low: round(linspace(0, T-1, n+1)) reversed, without the final 0."""
+        if n < 1:
+            raise ValueError(f"steps must be >= 1, got {n}")
+        return [int(t) for t in np.linspace(0, self.num_train_timesteps - 1, n + 1).round()[::-1][:-1]]
+
+    def sigmas(self, n: int) -> np.ndarray:
+        """float32 [n+1]: σ of each timestep (interpolated in the training table), then a final 0."""
+        t = np.array(self.timesteps(n), dtype=np.float64)
+        s = np.interp(t, np.arange(self.num_train_timesteps), self.train_sigmas)
+        return np.concatenate([s, [0.0]]).astype(np.float32)
+
+    def orders(self, n: int) -> List[int]:
+        """Solver order of each step: 1 on the first (no history) and the last (σ = 0), else 2."""
+        return [1 if i == 0 or i == n - 1 else 2 for i in range(n)]
+
+    def _make_plan(self, n: int) -> Tuple[_Step, ...]:
+        f32 = np.float32
+        sig = self.sigmas(n)
+        alpha = (f32(1) / np.sqrt(sig * sig + f32(1))).astype(f32)
+        s = (sig * alpha).astype(f32)
+        with np.errstate(divide="ignore"):  # λ of the final σ = 0 is +inf and never used
+            lam = (np.log(alpha) - np.log(s)).astype(f32)
+        plan = []
+        for i, order in enumerate(self.orders(n)):
+            if i == n - 1:
+                plan.append(_Step(0, float(alpha[i]), float(s[i]), 0.0, -1.0, 0.0))
+                continue
+            h = f32(lam[i + 1] - lam[i])
+            phi = f32(alpha[i + 1] * (np.exp(-h) - f32(1)))
+            inv_r = float(f32(1) / f32(f32(lam[i] - lam[i - 1]) / h)) if order == 2 else 0.0
+            plan.append(_Step(order, float(alpha[i]), float(s[i]), float(f32(s[i + 1] / s[i])), float(phi), inv_r))
+        return tuple(plan)
+
+    def step(self, v: mx.array, x: mx.array, i: int, n: int,
+             prev_x0: Optional[mx.array] = None) -> Tuple[mx.array, mx.array]:
+        """Step i of n: model output v at x (both float32) -> (next x, this step's x0 for the next call)."""
+        c = self._plan(n)[i]
+        x0 = c.alpha * x - c.sigma * v
+        if c.order == 0:
+            return x0, x0
+        if c.order == 1:
+            return c.ratio * x - c.phi * x0, x0
+        if prev_x0 is None:
+            raise ValueError(f"step {i} of {n} is second order and needs the previous step's x0")
+        d1 = c.inv_r * (x0 - prev_x0)
+        return c.ratio * x - c.phi * x0 - (0.5 * c.phi) * d1, x0
+
+
+def sample_latent(head: DiffusionHead, pos_cond: mx.array, neg_cond: mx.array, noise: mx.array,
+                  steps: int = 10, cfg_scale: float = 1.3, solver: Optional[DPMSolver] = None,
+                  fast: bool = True) -> mx.array:
+    """Denoise one latent frame with classifier-free guidance (architecture.md §6.5).
+
+    pos_cond / neg_cond [N, H]: LM hidden states of the positive and negative branch; noise [N, latent]: the
+    initial latent. Each step runs the head once on the batch of 2N ([x; x] under [pos; neg]) and integrates
+    v = v_neg + cfg_scale (v_pos - v_neg). Returns the normalized latent z, float32 [N, latent].
+
+    `fast=True` precomputes every step's adaLN modulations in one pass (§9.3-3), so each step runs only the FFNs
+    and the final linear; `fast=False` calls the head as the reference does. Both give the same result.
+    """
+    solver = solver or DPMSolver()
+    timesteps = solver.timesteps(steps)
+    n = pos_cond.shape[0]
+    cond = mx.concatenate([pos_cond, neg_cond], axis=0)
+    x = noise.astype(mx.float32)
+    mods = head.modulations(cond, timesteps) if fast else None
+    x0 = None
+    for i, t in enumerate(timesteps):
+        x2 = mx.concatenate([x, x], axis=0)
+        if fast:
+            v2 = head.predict(x2, [m[i] for m in mods])
+        else:
+            v2 = head(x2, mx.full((2 * n,), t, dtype=mx.float32), cond)
+        v2 = v2.astype(mx.float32)
+        v = v2[n:] + cfg_scale * (v2[:n] - v2[n:])
+        x, x0 = solver.step(v, x, i, steps, x0)
+    return x
