@@ -1,0 +1,253 @@
+"""From a script and voice clips to model inputs: special tokens, script parsing, pause tags, prompt layout.
+
+Follows the original `VibeVoiceProcessor` (architecture.md §5): the prompt is tokenized piece by piece, exactly as
+the original does, so BPE merges never cross piece boundaries. Audio I/O lives in `audio.py`; encoding the voice
+clips into latents is the model's job.
+"""
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+logger = logging.getLogger(__name__)
+
+SYSTEM_PROMPT = (
+    " Transform the text provided by various speakers into speech output, utilizing the distinct voice of each "
+    "respective speaker.\n"
+)
+
+# role -> token string. Qwen's vision tokens are reused as speech tokens (architecture.md §5.1).
+TOKEN_STRINGS = {
+    "speech_start": "<|vision_start|>",
+    "speech_end": "<|vision_end|>",
+    "speech_diffusion": "<|vision_pad|>",
+    "eos": "<|endoftext|>",
+    "pad": "<|image_pad|>",
+}
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """Ids of the speech control tokens in the text tokenizer's vocabulary."""
+
+    speech_start: int
+    speech_end: int
+    speech_diffusion: int
+    eos: int
+    pad: int
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, token_ids: Optional[Dict[str, int]] = None) -> "SpecialTokens":
+        """Look the tokens up by string; `token_ids` (the config's, e.g. {"speech_start": 151652, ...}) must agree."""
+        ids = {}
+        for role, token in TOKEN_STRINGS.items():
+            i = tokenizer.convert_tokens_to_ids(token)
+            if i is None or i == getattr(tokenizer, "unk_token_id", None) or \
+                    tokenizer.convert_ids_to_tokens(i) != token:
+                raise ValueError(f"The tokenizer has no {token} token (VibeVoice's {role}); "
+                                 "is it the model's Qwen2.5 tokenizer?")
+            ids[role] = int(i)
+        for role, want in (token_ids or {}).items():
+            if role in ids and want is not None and int(want) != ids[role]:
+                raise ValueError(f"Tokenizer and model config disagree on {role} ({TOKEN_STRINGS[role]}): "
+                                 f"tokenizer id {ids[role]}, config id {want}. Use the tokenizer that came with "
+                                 "the model.")
+        return cls(**ids)
+
+    @property
+    def control_ids(self) -> Tuple[int, int, int, int]:
+        """The only tokens generation may choose from (pitfalls.md item 1)."""
+        return (self.speech_start, self.speech_end, self.speech_diffusion, self.eos)
+
+
+# --- script parsing ---
+
+
+@dataclass
+class Segment:
+    """Script lines generated in one pass: (speaker id, text) with the text starting with a space."""
+
+    lines: List[Tuple[int, str]] = field(default_factory=list)
+
+
+@dataclass
+class Pause:
+    """Exact silence between two segments."""
+
+    seconds: float
+
+    def num_samples(self, sample_rate: int = 24000) -> int:
+        return int(round(self.seconds * sample_rate))
+
+
+ScriptItem = Union[Segment, Pause]
+
+_SPEAKER_RE = re.compile(r"^Speaker\s+(\d+)\s*:\s*(.*)$", re.IGNORECASE)
+_BRACKET_RE = re.compile(r"^\[(\d+)\]\s*:\s*(.*)$")
+# Anything that starts like a pause tag is checked, so a typo is an error instead of text the model reads out.
+_PAUSE_START_RE = re.compile(r"\[\s*pause", re.IGNORECASE)
+_PAUSE_RE = re.compile(r"\[\s*pause\s*(?::\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s)\s*)?\]", re.IGNORECASE)
+_QUOTES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"'})
+
+
+def _split_pauses(text: str, line_no: int) -> List[Union[str, Pause]]:
+    """Split one line into text pieces and Pause items; malformed pause tags raise, naming the tag."""
+    out: List[Union[str, Pause]] = []
+    pos = 0
+    for start in _PAUSE_START_RE.finditer(text):
+        if start.start() < pos:
+            continue
+        m = _PAUSE_RE.match(text, start.start())
+        if m is None:
+            end = text.find("]", start.start())
+            tag = text[start.start(): end + 1 if end >= 0 else start.start() + 20]
+            raise ValueError(f"Malformed pause tag {tag!r} on line {line_no}: use [pause] (1 s), [pause:500ms] "
+                             "or [pause:1.5s].")
+        seconds = 1.0 if m.group(1) is None else float(m.group(1)) / (1000.0 if m.group(2).lower() == "ms" else 1)
+        out += [text[pos:m.start()], Pause(seconds)]
+        pos = m.end()
+    out.append(text[pos:])
+    return out
+
+
+def parse_script(script: str) -> List[ScriptItem]:
+    """Parse a script into segments and pauses (architecture.md §5.2).
+
+    Lines are `Speaker N: text` (case-insensitive) or `[N]: text`; a line without a label continues the previous
+    speaker's turn; text with no label at all is one speaker (0). Ids are shifted to 0-based only when the smallest
+    id is above 0, as the original does. Pause tags (`[pause]` = 1 s, `[pause:500ms]`, `[pause:1.5s]`) may stand
+    anywhere and split the script into segments with exact silence between them; a speaker label may follow a
+    pause on the same line. Curly quotes become straight ones.
+    """
+    pieces: List[Tuple[int, Union[str, Pause]]] = []
+    for line_no, raw in enumerate(script.translate(_QUOTES).splitlines(), start=1):
+        pieces += [(line_no, p if isinstance(p, Pause) else p.strip()) for p in _split_pauses(raw, line_no)]
+    has_label = any(isinstance(p, str) and (_SPEAKER_RE.match(p) or _BRACKET_RE.match(p)) for _, p in pieces)
+
+    items: List[ScriptItem] = []
+    current: Optional[Segment] = None  # the segment being filled
+    speaker: Optional[int] = None if has_label else 0  # whose turn a continuation belongs to
+    joinable = False  # True when a continuation may be appended to the last line of `current`
+    for line_no, piece in pieces:
+        if isinstance(piece, Pause):
+            items.append(piece)
+            current, joinable = None, False
+            continue
+        if not piece:
+            continue
+        m = _SPEAKER_RE.match(piece) or _BRACKET_RE.match(piece)
+        if m:
+            speaker, text, new_turn = int(m.group(1)), m.group(2).strip(), True
+        elif speaker is None:
+            raise ValueError(f"Line {line_no} has no speaker label and no speaker before it: {piece[:40]!r}. "
+                             "Start it with 'Speaker N:'.")
+        else:
+            text, new_turn = piece, not joinable
+        if current is None:
+            current = Segment()
+            items.append(current)
+        if new_turn:
+            current.lines.append((speaker, " " + text))
+        else:
+            last_speaker, last_text = current.lines[-1]
+            current.lines[-1] = (last_speaker, last_text.rstrip() + " " + text)
+        joinable = True
+
+    # A labelled turn left empty (e.g. "Speaker 1:" followed by a pause) has nothing to say.
+    for seg in (s for s in items if isinstance(s, Segment)):
+        seg.lines = [(s, t) for s, t in seg.lines if t.strip()]
+    items = [it for it in items if not (isinstance(it, Segment) and not it.lines)]
+    ids = [s for seg in items if isinstance(seg, Segment) for s, _ in seg.lines]
+    if not ids:
+        raise ValueError("The script has no text to speak.")
+    if label_offset(ids):
+        for seg in (s for s in items if isinstance(s, Segment)):
+            seg.lines = [(s - 1, t) for s, t in seg.lines]
+    if len(set(ids)) > 4:
+        logger.warning("The script has %d speakers; VibeVoice was trained with up to 4.", len(set(ids)))
+    return items
+
+
+def label_offset(ids: Sequence[int]) -> int:
+    """1 if speaker ids are 1-based (the smallest is above 0), else 0; the original subtracts exactly 1."""
+    return 1 if min(ids) > 0 else 0
+
+
+def script_speakers(items: Sequence[ScriptItem]) -> List[int]:
+    """Sorted distinct speaker ids of a parsed script (all segments)."""
+    return sorted({s for it in items if isinstance(it, Segment) for s, _ in it.lines})
+
+
+# --- prompt ---
+
+
+@dataclass
+class PromptInputs:
+    """Token ids of one prompt and where the voice latents go.
+
+    speech_input_mask is True exactly on the speech_diffusion placeholders of the voice section;
+    voice_frames lists the placeholder count of each voice used (in order), num_voices how many were used.
+    """
+
+    input_ids: List[int]
+    speech_input_mask: List[bool]
+    voice_frames: List[int]
+
+    @property
+    def num_voices(self) -> int:
+        return len(self.voice_frames)
+
+
+def build_prompt(tokenizer, lines: Sequence[Tuple[int, str]], voice_frames: Optional[Sequence[int]],
+                 tokens: SpecialTokens, num_speakers: Optional[int] = None) -> PromptInputs:
+    """The original prompt layout (architecture.md §5.4), each piece tokenized on its own.
+
+    lines: (speaker id, text starting with a space) as `parse_script` gives them. voice_frames: frames per voice
+    clip (`audio.voice_frames`), in speaker order; None or [] for no voice (the model then picks one). Voices are
+    truncated to the number of distinct speakers, as the original does; `num_speakers` overrides that count so
+    that every segment of a multi-segment script gets the same voice section.
+    """
+
+    def enc(text: str) -> List[int]:
+        return list(tokenizer.encode(text, add_special_tokens=False))
+
+    if num_speakers is None:
+        num_speakers = len({s for s, _ in lines})
+    voices = list(voice_frames or [])
+    if voices and len(voices) < num_speakers:
+        raise ValueError(f"The script has {num_speakers} speakers but only {len(voices)} voice(s) were given: "
+                         "give one voice per speaker, in speaker order, or none.")
+    voices = voices[:num_speakers]
+    if voices and max(s for s, _ in lines) >= len(voices):
+        # The original allows this (voices are labelled 0..S-1 whatever the ids); say so, since it is likely a typo.
+        logger.warning("Speaker ids %s do not all have a voice: voices are labelled Speaker 0..%d in the order "
+                       "given.", sorted({s for s, _ in lines}), len(voices) - 1)
+
+    ids: List[int] = []
+    mask: List[bool] = []
+
+    def add(piece: List[int], is_speech: bool = False):
+        ids.extend(piece)
+        mask.extend([is_speech] * len(piece))
+
+    add(enc(SYSTEM_PROMPT))
+    if voices:
+        add(enc(" Voice input:\n"))
+        for i, n in enumerate(voices):
+            add(enc(f" Speaker {i}:"))
+            add([tokens.speech_start])
+            add([tokens.speech_diffusion] * int(n), is_speech=True)
+            add([tokens.speech_end])
+            add(enc("\n"))
+    add(enc(" Text input:\n"))
+    specials = set(tokens.control_ids) | {tokens.pad}
+    for speaker, text in lines:
+        piece = enc(f" Speaker {speaker}:{text}\n")
+        if specials.intersection(piece):
+            raise ValueError(f"Speaker {speaker}'s text contains a special token string such as "
+                             f"{TOKEN_STRINGS['speech_start']}: {text.strip()[:60]!r}")
+        add(piece)
+    add(enc(" Speech output:\n"))
+    add([tokens.speech_start])
+    return PromptInputs(ids, mask, [int(n) for n in voices])
