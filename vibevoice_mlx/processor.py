@@ -219,7 +219,7 @@ def build_prompt(tokenizer, lines: Sequence[Tuple[int, str]], voice_frames: Opti
         raise ValueError(f"The script has {num_speakers} speakers but only {len(voices)} voice(s) were given: "
                          "give one voice per speaker, in speaker order, or none.")
     voices = voices[:num_speakers]
-    if voices and max(s for s, _ in lines) >= len(voices):
+    if voices and lines and max(s for s, _ in lines) >= len(voices):
         # The original allows this (voices are labelled 0..S-1 whatever the ids); say so, since it is likely a typo.
         logger.warning("Speaker ids %s do not all have a voice: voices are labelled Speaker 0..%d in the order "
                        "given.", sorted({s for s, _ in lines}), len(voices) - 1)
