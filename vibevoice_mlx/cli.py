@@ -27,6 +27,16 @@ def main(verbose):
 
 
 # --- doctor ---
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def doctor(as_json):
+    """Check this machine: platform, MLX backend, memory, torch, which model fits, what is missing."""
+    import json
+
+    from .doctor import doctor_report, format_report
+
+    report = doctor_report()
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
 # --- say ---
