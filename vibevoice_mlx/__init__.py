@@ -17,9 +17,9 @@ def __getattr__(name):
 
         return load
     if name in ("generate", "stream_generate", "GenerationConfig"):
-        from . import generate as _generate
+        from . import generation as _generation
 
-        return getattr(_generate, name)
+        return getattr(_generation, name)
     if name == "convert":
         from .convert.convert import convert
 

@@ -4,6 +4,7 @@ import glob
 import json
 import logging
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Dict, Optional, Tuple, Union
 
 import mlx.core as mx
@@ -128,3 +129,104 @@ def resolve_folder(path: Union[str, Path], revision: Optional[str] = None) -> Pa
     from .hub import resolve
 
     return Path(resolve(str(path), revision=revision))
+
+
+# --- the pipeline: model + tokenizer + control tokens ---------------------------------------------------------
+
+
+@dataclass
+class VibeVoice:
+    """A loaded model ready for `generate`: the model (MLX or PyTorch), its tokenizer and control tokens."""
+
+    model: object
+    tokenizer: object
+    tokens: object
+    backend: str
+    folder: Path
+    config: ModelConfig
+    sample_rate: int = 24000
+
+    @property
+    def hop_length(self) -> int:
+        return self.config.hop_length
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def load_tokenizer(folder: Path, tokenizer: Optional[Union[str, Path]] = None):
+    """The text tokenizer: `tokenizer` (folder or hub id) if given, else the model folder's own files."""
+    from transformers import AutoTokenizer
+
+    if tokenizer is None:
+        if not all((folder / f).exists() for f in TOKENIZER_FILES):
+            raise LoadError(
+                f"{folder} has no tokenizer files: pass tokenizer=<Qwen2.5 tokenizer folder or repo id> "
+                "(--tokenizer), or convert the model with `vibevoice-mlx convert`, which bundles them."
+            )
+        source = folder
+    else:
+        source = resolve_folder(tokenizer)
+    return AutoTokenizer.from_pretrained(str(source))
+
+
+def cached_conversion(repo: str, revision: Optional[str], dtype: str) -> Path:
+    """Where a hub PyTorch checkpoint converted for `say` lives (converted once, then reused)."""
+    import os
+
+    root = Path(os.environ.get("VIBEVOICE_MLX_CACHE", Path.home() / ".cache" / "vibevoice-mlx"))
+    name = repo.replace("/", "--") + (f"--{revision}" if revision else "") + f"--{dtype}"
+    return root / "models" / name
+
+
+def load(
+    path_or_repo: Union[str, Path],
+    backend: str = "mlx",
+    device: str = "auto",
+    dtype: Optional[str] = None,
+    tokenizer: Optional[Union[str, Path]] = None,
+    revision: Optional[str] = None,
+) -> VibeVoice:
+    """Load a VibeVoice model for generation.
+
+    path_or_repo: a converted MLX folder, a PyTorch checkpoint folder (original or transformers layout) or a hub
+    repo id. With backend="mlx", a hub PyTorch checkpoint is converted once into ~/.cache/vibevoice-mlx (or
+    $VIBEVOICE_MLX_CACHE) and reused. backend="torch" runs transformers' VibeVoice (MPS, CUDA or CPU; `device`).
+    dtype: float16 / bfloat16 / float32; default float16 on a GPU, float32 on the CPU.
+    """
+    from .processor import SpecialTokens
+
+    if backend not in ("mlx", "torch"):
+        raise LoadError(f"Unknown backend {backend!r}: choose 'mlx' or 'torch'.")
+    folder = resolve_folder(path_or_repo, revision)
+    raw_config = load_config(folder)
+    config = ModelConfig.from_dict(raw_config)
+    if backend == "torch":
+        from .torch_backend import load_torch_model
+
+        model = load_torch_model(folder, device=device, dtype=dtype or "auto")
+    else:
+        is_raw = not _is_converted(folder)
+        if is_raw and not Path(path_or_repo).expanduser().is_dir():
+            from .convert.convert import convert
+
+            target = cached_conversion(str(path_or_repo), revision, dtype or "float16")
+            if not target.exists():
+                logger.warning("Converting %s to MLX once, into %s", path_or_repo, target)
+                convert(str(path_or_repo), target, dtype=dtype or "float16", revision=revision,
+                        tokenizer=tokenizer)
+            folder = target
+        model, folder = load_model(folder, dtype=dtype)
+    tok = load_tokenizer(folder, tokenizer)
+    tokens = SpecialTokens.from_tokenizer(tok, config.token_ids)
+    return VibeVoice(model=model, tokenizer=tok, tokens=tokens, backend=backend, folder=folder, config=config)
+
+
+def _is_converted(folder: Path) -> bool:
+    files = sorted(glob.glob(str(folder / "*.safetensors")))
+    if not files:
+        return False
+    from safetensors import safe_open
+
+    with safe_open(files[0], framework="numpy") as f:
+        return (f.metadata() or {}).get("format") == "mlx"
