@@ -1,0 +1,445 @@
+"""`vibevoice-mlx convert`: a PyTorch VibeVoice checkpoint (either layout) to a self-contained MLX folder.
+
+This is the loader (read, rename with the one key table, `Model.sanitize`, strict check) plus cast, quantize and
+save. Tensors stream through one at a time, so converting needs about one output shard of memory, not the model.
+The folder is built beside the target and renamed into place at the end: it appears complete or not at all.
+"""
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .. import __version__
+from .. import hub
+from .dtypes import DTYPES, RangeStats, cast, keeps_float32
+from .keys import to_original
+from .layouts import detect_layout, normalize_config
+
+logger = logging.getLogger(__name__)
+
+CONVERTER = f"vibevoice-mlx {__version__}"
+MAX_SHARD_BYTES = 1 << 30  # bounds the conversion's memory: one shard is held before it is written
+GENERATION_DEFAULTS = {"steps": 10, "cfg_scale": 1.3}  # the original demos (architecture.md §2.6)
+Q_BITS = (2, 3, 4, 5, 6, 8)
+Q_GROUP_SIZES = (32, 64, 128)
+# Special tokens of the Qwen2.5 vocabulary that VibeVoice uses (architecture.md §5.1).
+SPECIAL_TOKENS = {"speech_start": "<|vision_start|>", "speech_end": "<|vision_end|>",
+                  "speech_diffusion": "<|vision_pad|>", "eos": "<|endoftext|>"}
+
+
+class ConversionError(ValueError):
+    """A checkpoint or argument that cannot be converted; the message names the problem and the fix."""
+
+
+def convert(
+    model: str,
+    mlx_path: str,
+    dtype: str = "float16",
+    quantize: bool = False,
+    q_bits: int = 4,
+    q_group_size: int = 64,
+    tokenizer: Optional[str] = None,
+    force: bool = False,
+    upload_repo: Optional[str] = None,
+    allow_pickle: bool = False,
+    revision: Optional[str] = None,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> Path:
+    """Convert `model` (local folder or hub repo id, original or transformers layout) to an MLX folder.
+
+    `dtype` is the storage dtype of the weights (tensors that must stay float32 do); `quantize` quantizes the
+    language model's Linear layers to `q_bits` with groups of `q_group_size`. Tokenizer files come from the
+    source, from `tokenizer` (folder or repo id), or from the Qwen repo the source's preprocessor config names.
+    Returns the folder.
+    """
+    from ..loader import check_weights, load_config  # the one loader; imports the model
+    from ..model import Model, ModelConfig
+
+    start = time.perf_counter()
+    if dtype not in DTYPES:
+        raise ConversionError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
+    if quantize and (q_bits not in Q_BITS or q_group_size not in Q_GROUP_SIZES):
+        raise ConversionError(f"Quantization needs bits in {Q_BITS} and a group size in {Q_GROUP_SIZES}.")
+    source = hub.resolve(model, revision, hub.MODEL_PATTERNS + (hub.PICKLE_PATTERNS if allow_pickle else []))
+    target = Path(mlx_path).expanduser().absolute()
+    _check_target(target, source, force)
+
+    raw_config = load_config(source)
+    layout = detect_layout(raw_config)
+    config = normalize_config(raw_config, layout)
+    tok_folder = _tokenizer_folder(source, tokenizer)  # before the slow part: a missing tokenizer fails fast
+    _fill_token_ids(config, tok_folder)
+
+    mlx_model = Model(ModelConfig.from_dict(config))  # lazy parameters: shapes only, nothing computed
+    weights = mlx_model.sanitize(_rename(read_checkpoint(source, allow_pickle), layout), layout)
+    try:
+        check_weights(mlx_model, weights)
+    except ValueError as e:
+        raise ConversionError(f"{model}: {e}") from None
+    quantized = _quantize_model(mlx_model, q_bits, q_group_size) if quantize else set()
+    expected = dict(tree_flatten(mlx_model.parameters()))
+    plan = _plan(mlx_model, weights, expected, quantized, DTYPES[dtype], max_shard_bytes)
+    n_params = sum(math.prod(v.shape) for v in weights.values())
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.converting-", dir=target.parent))
+    try:
+        _chmod_like_mkdir(tmp)
+        stats, n_bytes = _write_weights(tmp, weights, plan, quantized, q_bits, q_group_size)
+        del weights
+        out_config = dict(config)
+        if quantize:
+            out_config["quantization"] = {"group_size": q_group_size, "bits": q_bits}
+        out_config["conversion"] = {
+            "source": str(model),
+            "revision": hub.snapshot_commit(source) or revision,
+            "source_layout": layout,
+            "dtype": dtype,
+            "converter": CONVERTER,
+            "float16_subnormal_values": stats.subnormal,
+            "float16_flushed_values": stats.flushed,
+        }
+        _write_json(tmp / "config.json", out_config)
+        _write_json(tmp / "generation_config.json", GENERATION_DEFAULTS)
+        for f in _tokenizer_files(tok_folder):
+            shutil.copyfile(f, tmp / f.name)
+        (tmp / "README.md").write_text(_model_card(out_config, upload_repo or str(target)))
+        _move_into_place(tmp, target)
+    except BaseException:
+        # Errors and Ctrl-C alike: nothing half-written is left behind.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    if stats.subnormal:
+        logger.info(stats.summary())
+    q = f", {q_bits}-bit LM (group {q_group_size})" if quantize else ""
+    logger.info("Converted %s parameters (%.2f GB, %s%s) in %.2f s to %s", f"{n_params:,}", n_bytes / 1e9, dtype, q,
+                time.perf_counter() - start, target)
+    if upload_repo:
+        upload(target, upload_repo)
+    return target
+
+
+# --- reading -------------------------------------------------------------------------------------------------
+
+
+def read_checkpoint(folder: Path, allow_pickle: bool = False) -> Dict[str, mx.array]:
+    """Every tensor of a PyTorch checkpoint folder under its stored name, as lazy arrays (read on evaluation).
+
+    safetensors (single or sharded with an index) are preferred; pickles (`.bin`, `.pt`) are read only with
+    `allow_pickle`, and then through torch's weights-only loader, which cannot run code.
+    """
+    from ..loader import read_weights
+
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        missing = sorted({f for f in weight_map.values() if not (folder / f).exists()})
+        if missing:
+            raise ConversionError(f"{folder}: {', '.join(missing)} listed in {index.name} is missing: "
+                                  "the download is incomplete.")
+    if list(folder.glob("*.safetensors")):
+        try:
+            weights, _ = read_weights(folder)
+        except ValueError as e:
+            raise ConversionError(str(e)) from None
+        if index.exists():
+            absent = sorted(set(weight_map) - set(weights))
+            if absent:
+                raise ConversionError(f"{folder}: {len(absent)} tensor(s) in {index.name} are in no file "
+                                      f"({', '.join(absent[:3])}): the download is incomplete.")
+        return weights
+    pickles = sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pt"))
+    if not pickles:
+        raise ConversionError(f"No *.safetensors (or pickled *.bin / *.pt) weights in {folder}.")
+    if not allow_pickle:
+        raise ConversionError(
+            f"{folder} holds pickled PyTorch weights ({pickles[0].name}), which can run code when loaded: "
+            "pass --allow-pickle to read them with torch's weights-only loader."
+        )
+    return _read_pickles(pickles)
+
+
+def _read_pickles(files: List[Path]) -> Dict[str, mx.array]:
+    try:
+        import torch
+    except ImportError:
+        raise ConversionError("Reading pickled checkpoints needs torch: pip install 'vibevoice-mlx[torch]'.") from None
+    out = {}
+    for f in files:
+        try:
+            state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # weights-only unpickling refuses anything but tensors and containers
+            raise ConversionError(f"Cannot read {f} with torch's weights-only loader: {str(e).splitlines()[0]}") \
+                from None
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise ConversionError(f"{f} holds a {type(state).__name__}, not a state dict of tensors.")
+        for k, t in state.items():
+            if not isinstance(t, torch.Tensor):
+                raise ConversionError(f"{f}: entry {k!r} is a {type(t).__name__}, not a tensor.")
+            # numpy has no bfloat16: move the bits as int16 and reinterpret them in MLX.
+            if t.dtype == torch.bfloat16:
+                out[k] = mx.array(t.contiguous().view(torch.int16).numpy()).view(mx.bfloat16)
+            else:
+                out[k] = mx.array(t.contiguous().numpy())
+    return out
+
+
+def _rename(weights: Dict[str, mx.array], layout: str) -> Dict[str, mx.array]:
+    renamed = to_original(weights, layout)
+    if len(renamed) != len(weights):
+        raise ConversionError("Two tensors of the checkpoint map to the same name: it mixes both layouts.")
+    return renamed
+
+
+# --- the plan: names, dtypes and shards decided before any data is read ----------------------------------------
+
+
+def _quantize_model(model: nn.Module, bits: int, group_size: int) -> set:
+    """Swap the model's quantizable Linear layers for quantized ones; returns their paths."""
+
+    def predicate(path, module):
+        if not model.quant_predicate(path, module):
+            return False
+        if module.weight.shape[-1] % group_size:
+            raise ConversionError(f"{path} has input size {module.weight.shape[-1]}, not a multiple of "
+                                  f"--q-group-size {group_size}: choose a group size that divides it.")
+        return True
+
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
+    return {p for p, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)}
+
+
+def _outputs(key: str, quantized: set) -> List[str]:
+    path, leaf = key.rsplit(".", 1)
+    if leaf == "weight" and path in quantized:
+        return [key, f"{path}.scales", f"{path}.biases"]
+    return [key]
+
+
+def _plan(model, weights, expected, quantized, dtype, max_shard_bytes) -> List[List[Tuple[str, mx.Dtype]]]:
+    """Shards of (key, storage dtype), in sorted key order so both layouts give byte-identical files."""
+    shards, size = [[]], 0
+    for key in sorted(weights):
+        store = mx.float32 if keeps_float32(model, key, weights[key].ndim) else dtype
+        # A quantized weight is packed uint32 (shape from the quantized model); its scales and biases are `store`.
+        nbytes = sum(math.prod(expected[name].shape) * (4 if name == key and len(outs) > 1 else store.size)
+                     for outs in [_outputs(key, quantized)] for name in outs)
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((key, store))
+        size += nbytes
+    return shards
+
+
+# --- writing -------------------------------------------------------------------------------------------------
+
+
+def _write_weights(folder: Path, weights, plan, quantized, bits, group_size) -> Tuple[RangeStats, int]:
+    """Stream the tensors through cast and quantize into the planned shards; writes the index too."""
+    from tqdm import tqdm
+
+    stats, total, weight_map = RangeStats(), 0, {}
+    names = ["model.safetensors"] if len(plan) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
+    with tqdm(total=len(weights), unit="tensor", desc="Converting", disable=None, leave=False) as bar:
+        for name, shard in zip(names, plan):
+            tensors = {}
+            for key, store in shard:
+                # pop: once written, nothing may keep the source tensor (or its file data) alive.
+                x = cast(key, weights.pop(key), store, stats)
+                path = key.rsplit(".", 1)[0]
+                if key.endswith(".weight") and path in quantized:
+                    wq, scales, biases = mx.quantize(x, group_size=group_size, bits=bits)
+                    out = {key: wq, f"{path}.scales": scales, f"{path}.biases": biases}
+                else:
+                    out = {key: x}
+                mx.eval(out)
+                tensors.update(out)
+                bar.update(1)
+            mx.save_safetensors(str(folder / name), tensors, metadata={"format": "mlx"})
+            total += sum(v.nbytes for v in tensors.values())
+            weight_map.update({k: name for k in tensors})
+            del tensors, out, x
+            mx.clear_cache()
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    _write_json(folder / "model.safetensors.index.json", index)
+    return stats, total
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _check_target(target: Path, source: Path, force: bool) -> None:
+    src = source.resolve()
+    if target.exists():
+        if not force:
+            raise ConversionError(f"{target} already exists: choose another --mlx-path or pass --force to replace it.")
+        if src == target.resolve() or target.resolve() in src.parents:
+            raise ConversionError(f"--mlx-path {target} holds the source checkpoint: --force would delete it.")
+    if not target.parent.is_dir():
+        raise ConversionError(f"The folder {target.parent} (parent of --mlx-path) does not exist.")
+
+
+def _chmod_like_mkdir(folder: Path) -> None:
+    """mkdtemp makes the folder private (0700); the finished folder gets the permissions mkdir would give."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+
+
+def _move_into_place(tmp: Path, target: Path) -> None:
+    """Rename the finished folder to `target`; an existing one (--force) is moved aside first, then deleted."""
+    old = None
+    if target.exists() or target.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old / target.name)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        if old is not None:
+            os.replace(old / target.name, target)
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --- tokenizer -----------------------------------------------------------------------------------------------
+
+
+def _tokenizer_files(folder: Path) -> List[Path]:
+    return [folder / n for n in hub.TOKENIZER_PATTERNS if (folder / n).is_file()]
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return (folder / "tokenizer.json").is_file() or \
+        ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file())
+
+
+def _tokenizer_folder(source: Path, tokenizer: Optional[str]) -> Path:
+    """Where the tokenizer files come from: --tokenizer, else the source, else the Qwen repo it names."""
+    hint = "pass --tokenizer <folder or hub repo id> with the Qwen2.5 tokenizer files (tokenizer.json)"
+    if tokenizer:
+        try:
+            folder = hub.resolve(tokenizer, allow_patterns=hub.TOKENIZER_PATTERNS)
+        except hub.HubError as e:
+            raise ConversionError(f"--tokenizer: {e}") from None
+        if not _has_tokenizer(folder):
+            raise ConversionError(f"--tokenizer {tokenizer} has no tokenizer.json (or vocab.json + merges.txt).")
+        return folder
+    if _has_tokenizer(source):
+        return source
+    pre = source / "preprocessor_config.json"
+    name = json.loads(pre.read_text()).get("language_model_pretrained_name") if pre.exists() else None
+    if not name:
+        raise ConversionError(f"{source} has no tokenizer files and no preprocessor_config.json naming one: {hint}.")
+    try:
+        folder = hub.resolve(name, allow_patterns=hub.TOKENIZER_PATTERNS)
+    except hub.HubError as e:
+        raise ConversionError(f"{source} has no tokenizer files, and the tokenizer repo its preprocessor config "
+                              f"names is not available ({str(e).rstrip('.')}): {hint}.") from None
+    if not _has_tokenizer(folder):
+        raise ConversionError(f"{name} has no tokenizer.json: {hint}.")
+    return folder
+
+
+def _special_token_ids(folder: Path) -> Dict[str, int]:
+    """content -> id of the added tokens, from whichever tokenizer file has them."""
+    ids = {}
+    if (folder / "tokenizer.json").is_file():
+        for t in json.loads((folder / "tokenizer.json").read_text()).get("added_tokens", []):
+            ids[t["content"]] = t["id"]
+    if (folder / "tokenizer_config.json").is_file():
+        decoder = json.loads((folder / "tokenizer_config.json").read_text()).get("added_tokens_decoder", {})
+        for i, t in decoder.items():
+            ids.setdefault(t["content"], int(i))
+    if (folder / "added_tokens.json").is_file():
+        for content, i in json.loads((folder / "added_tokens.json").read_text()).items():
+            ids.setdefault(content, i)
+    return ids
+
+
+def _fill_token_ids(config: Dict, tok_folder: Path) -> None:
+    """Record the control-token ids (the original config has none; they come from the tokenizer)."""
+    found = _special_token_ids(tok_folder)
+    from_tokenizer = {role: found[tok] for role, tok in SPECIAL_TOKENS.items() if tok in found}
+    have = config.get("token_ids") or {}
+    for role, i in from_tokenizer.items():
+        if role in have and have[role] != i:
+            logger.warning("config says %s = %d but the tokenizer has %s = %d; keeping the config's id",
+                           role, have[role], SPECIAL_TOKENS[role], i)
+    ids = {**from_tokenizer, **have}
+    missing = [SPECIAL_TOKENS[r] for r in SPECIAL_TOKENS if r not in ids]
+    if missing:
+        raise ConversionError(f"The tokenizer in {tok_folder} lacks {', '.join(missing)}: it is not a Qwen2.5 "
+                              "tokenizer; pass --tokenizer with the right one.")
+    config["token_ids"] = {r: int(ids[r]) for r in SPECIAL_TOKENS}
+
+
+# --- model card and upload -----------------------------------------------------------------------------------
+
+
+def _model_card(config: Dict, name: str) -> str:
+    c = config["conversion"]
+    q = config.get("quantization")
+    weights = f"{q['bits']}-bit language model (group size {q['group_size']}), other weights {c['dtype']}" if q \
+        else c["dtype"]
+    rev = f" (revision `{c['revision']}`)" if c.get("revision") else ""
+    dec = config["decoder_config"]
+    return f"""---
+library_name: mlx
+pipeline_tag: text-to-speech
+tags:
+- mlx
+- vibevoice
+- text-to-speech
+---
+
+# {Path(name).name}
+
+Microsoft VibeVoice text-to-speech (hidden size {dec['hidden_size']}, {dec['num_hidden_layers']} layers) in MLX
+format, converted from `{c['source']}`{rev} ({c['source_layout']} layout) with {c['converter']}.
+
+Weights: {weights}. Tensors that must stay float32 (latent scaling factors, layer scales, norms, biases) are
+float32. The tokenizer files are included, so loading needs no network.
+
+## Use
+
+```bash
+pip install vibevoice-mlx
+vibevoice-mlx say --model {name} "Speaker 1: Hello from VibeVoice on MLX." --voice speaker1.wav -o hello.wav
+```
+
+Generation defaults ({GENERATION_DEFAULTS['steps']} diffusion steps, cfg scale {GENERATION_DEFAULTS['cfg_scale']})
+are in `generation_config.json`.
+"""
+
+
+def upload(folder: Path, repo: str) -> None:
+    """Upload a converted folder to the Hugging Face repo `repo` (created if needed)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        api.create_repo(repo_id=repo, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo, repo_type="model",
+                          commit_message=f"Convert to MLX with {CONVERTER}")
+    except Exception as e:  # network, auth, offline mode: the converted folder is still good
+        raise ConversionError(f"Upload to {repo} failed ({str(e).splitlines()[0]}); the converted model is in "
+                              f"{folder}: retry with `hf upload {repo} {folder}`.") from None
+    logger.info("Uploaded %s to https://huggingface.co/%s", folder, repo)
