@@ -366,7 +366,57 @@ def generate(pipe, script: str, voices: Optional[Sequence] = None, **kwargs) -> 
 
 
 def _stream_torch(pipe, script, voices, config, sampler, noise):
-    raise NotImplementedError
+    """The PyTorch reference path: transformers' generate per segment, one chunk per segment."""
+    from .processor import Pause, build_prompt, parse_script, script_speakers
+    from .torch_backend import torch_generate
+
+    items = parse_script(script)
+    speakers = script_speakers(items)
+    voice_arrays = _prepare_voices(pipe, voices)[: len(speakers)]
+    if any(v.ndim != 1 for v in voice_arrays):
+        raise ValueError("Saved voices (.safetensors) need the MLX backend; give the audio file with --backend torch.")
+    frames_per_voice = [math.ceil(len(v) / pipe.hop_length) for v in voice_arrays]
+    latent = pipe.config.acoustic_vae_dim
+    torch_sampler = None
+    if sampler is not None:
+        allowed = pipe.tokens.control_ids
+
+        def torch_sampler(logits):
+            return sampler(mx.array(np.asarray(logits)[list(allowed)]), allowed)
+
+    frame = [0]
+
+    def torch_noise(i):  # one counter across segments, as the MLX path has
+        src = NoiseSource(noise, mx.random.key(0), latent)
+        src.index = frame[0]
+        frame[0] += 1
+        return np.array(src.next()).reshape(-1)
+
+    start, samples, total_frames = time.perf_counter(), 0, 0
+    for index, item in enumerate(items):
+        if isinstance(item, Pause):
+            audio, tokens = np.zeros(item.num_samples(SAMPLE_RATE), np.float32), []
+        else:
+            prompt = build_prompt(pipe.tokenizer, item.lines, frames_per_voice, pipe.tokens,
+                                  num_speakers=len(speakers))
+            max_new = None
+            if config.max_seconds is not None:
+                max_new = math.ceil(config.max_seconds * SAMPLE_RATE / pipe.hop_length) + 4
+            out = torch_generate(pipe.model, prompt.input_ids, voice_arrays or None, prompt.speech_input_mask,
+                                 steps=config.steps, cfg_scale=config.cfg_scale,
+                                 noise=torch_noise if noise is not None else None, token_sampler=torch_sampler,
+                                 max_new_tokens=max_new, sample_voice_noise=config.voice_noise, seed=config.seed)
+            audio, tokens = out.audio, [int(t) for t in out.tokens]
+            total_frames += len(audio) // pipe.hop_length
+        samples += len(audio)
+        elapsed = time.perf_counter() - start
+        for t in tokens:  # the token list first, so `generate` records it; then the segment's audio
+            yield GenerationResponse(np.zeros(0, np.float32), SAMPLE_RATE, t, total_frames, samples / SAMPLE_RATE,
+                                     elapsed, 0.0, 0.0, 0.0, segment=index)
+        yield GenerationResponse(audio, SAMPLE_RATE, None, total_frames, samples / SAMPLE_RATE, elapsed,
+                                 total_frames / elapsed if elapsed else 0.0,
+                                 (samples / SAMPLE_RATE) / elapsed if elapsed else 0.0, 0.0, segment=index,
+                                 is_pause=isinstance(item, Pause))
 
 
 def voice_latents(pipe, audio: np.ndarray) -> np.ndarray:

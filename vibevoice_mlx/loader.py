@@ -204,7 +204,8 @@ def load(
     if backend == "torch":
         from .torch_backend import load_torch_model
 
-        model = load_torch_model(folder, device=device, dtype=dtype or "auto")
+        model = load_torch_model(folder, device=device, dtype=dtype or "auto",
+                                 tokenizer_path=resolve_folder(tokenizer) if tokenizer else None)
     else:
         is_raw = not _is_converted(folder)
         if is_raw and not Path(path_or_repo).expanduser().is_dir():
