@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from . import memory
-from .convert.keys import ORIGINAL, TRANSFORMERS, original_to_transformers
+from .convert.keys import ORIGINAL, TRANSFORMERS, original_to_transformers, transformers_to_original
 from .convert.layouts import detect_layout, normalize_config, to_transformers_config
 
 logger = logging.getLogger(__name__)
@@ -112,6 +112,7 @@ def resolve_dtype(dtype: str = "auto", device: str = "cpu", *, bf16_supported=No
 
 
 def _attention(attention: str) -> Optional[str]:
+    # Only the language model has attention; the tokenizers reject "sdpa", so it is set on text_config alone.
     attention = str(attention or "auto").lower()
     if attention not in ("auto", "sdpa", "eager"):
         raise ValueError(f"Unknown attention {attention!r}: choose auto, sdpa or eager.")
@@ -170,7 +171,7 @@ def _load_original_weights(model, folder: Path, tied: bool) -> None:
                         continue
                     targets[name].copy_(tensor)
                     loaded.add(name)
-    missing = sorted(expected - loaded)
+    missing = sorted(transformers_to_original(k) for k in expected - loaded)  # in the checkpoint's names
     _raise_if_bad(folder, missing, unexpected, misshaped)
 
 
@@ -194,7 +195,7 @@ def _build_original(folder: Path, config: Dict, torch_dtype, attn, tokenizer_pat
                               "checkpoint's tokenizer folder as tokenizer_path.")
     kwargs.update(audio_bos_token_id=ids["speech_start"], audio_eos_token_id=ids["speech_end"],
                   audio_token_id=ids["speech_diffusion"], eos_token_id=ids["eos"], pad_token_id=ids["eos"])
-    extra = {"attn_implementation": attn} if attn else {}
+    extra = {"attn_implementation": {"text_config": attn}} if attn else {}
     try:  # every weight is overwritten below: skip the (slow, full-size) random init
         from transformers.initialization import no_init_weights
     except ImportError:  # pragma: no cover - older layout of transformers
@@ -212,7 +213,7 @@ def _build_original(folder: Path, config: Dict, torch_dtype, attn, tokenizer_pat
 def _build_transformers(folder: Path, torch_dtype, attn):
     from transformers import VibeVoiceForConditionalGeneration
 
-    extra = {"attn_implementation": attn} if attn else {}
+    extra = {"attn_implementation": {"text_config": attn}} if attn else {}
     model, info = VibeVoiceForConditionalGeneration.from_pretrained(
         str(folder), dtype=torch_dtype, device_map=None, output_loading_info=True, **extra)
     misshaped = [f"{k}: checkpoint {a}, model {b}" for k, a, b in info.get("mismatched_keys", [])]
