@@ -160,7 +160,8 @@ class DiffusionHead(nn.Module):
     def __call__(self, x: mx.array, t: mx.array, condition: mx.array) -> mx.array:
         """Reference forward: x [N, latent], t [N] (exact integer timesteps), condition [N, H] -> v [N, latent].
 
-        v comes out in the weights' dtype; callers that combine or integrate it cast it to float32.
+        v comes out in the weights' dtype; callers that combine or integrate it cast it to float32. t is read on
+        the host (see `timestep_sinusoid`), so this call is not for `mx.compile`; the sampler's fast path is.
         """
         dtype = self.dtype
         h = self.noisy_images_proj(x.astype(dtype))
