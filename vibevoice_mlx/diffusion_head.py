@@ -161,7 +161,7 @@ class DiffusionHead(nn.Module):
         """Reference forward: x [N, latent], t [N] (exact integer timesteps), condition [N, H] -> v [N, latent].
 
         v comes out in the weights' dtype; callers that combine or integrate it cast it to float32. t is read on
-        the host (see `timestep_sinusoid`), so this call is not for `mx.compile`; the sampler's fast path is.
+        the host (see `timestep_sinusoid`), so this call is not for `mx.compile`; the per-step `predict` is.
         """
         dtype = self.dtype
         h = self.noisy_images_proj(x.astype(dtype))
