@@ -73,7 +73,7 @@ def voice_frames(num_samples: int, hop: int = HOP) -> int:
     return -(-int(num_samples) // hop)
 
 
-def _output_format(path: Path) -> Tuple[str, str]:
+def output_format(path: Path) -> Tuple[str, str]:
     ext = path.suffix.lower()
     if ext not in FORMATS:
         raise ValueError(f"Cannot write {path}: unknown audio format {ext or '(no extension)'!r}; "
@@ -115,7 +115,7 @@ class AudioWriter:
                  subtype: Optional[str] = None):
         self.path = Path(path)
         self.sample_rate = int(sample_rate)
-        self.format, self.subtype = _output_format(self.path)
+        self.format, self.subtype = output_format(self.path)
         self.subtype = subtype or self.subtype
         self.frames = 0
         _refuse_overwrite(self.path, force)
@@ -188,7 +188,7 @@ def write_audio(path: PathLike, audio, sample_rate: int = SAMPLE_RATE, force: bo
                 subtype: Optional[str] = None) -> Path:
     """Write a whole mono clip; the format follows the extension (.wav, .flac, .ogg, .mp3)."""
     path = Path(path)
-    fmt, default_subtype = _output_format(path)
+    fmt, default_subtype = output_format(path)
     _refuse_overwrite(path, force)
     x = _mono(audio)
     sf.write(str(path), x, int(sample_rate), subtype=subtype or default_subtype, format=fmt)

@@ -111,8 +111,17 @@ def say(text, file, model, voices, save_voices, output, steps, cfg_scale, seed, 
     """Speak TEXT (or --file) into an audio file, writing it as the audio is produced."""
     from pathlib import Path
 
+    from .audio import output_format
+    from .processor import parse_script
+
     script = _read_script(text, file)
     out = Path(output)
+    # Everything that can be checked before loading the model is, so bad input never leaves a file behind.
+    try:
+        parse_script(script)
+        output_format(out)
+    except ValueError as e:
+        raise UserError(str(e))
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to overwrite it.")
     if len(save_voices) > len(voices):
@@ -148,7 +157,7 @@ def _run_say(script, model, voices, save_voices, out, steps, cfg_scale, seed, te
         click.echo(f"Saved voice {voices[i]} -> {target}", err=True)
     player = _player() if play else None
     bar = tqdm(unit="frame", desc="Generating", dynamic_ncols=True, file=sys.stderr)
-    last = None
+    last, writer = None, None
     try:
         with AudioWriter(out, force=force) as writer:
             for r in gen.stream_generate(pipe, script, voice_inputs, steps=steps, cfg_scale=cfg_scale, seed=seed,
@@ -162,6 +171,8 @@ def _run_say(script, model, voices, save_voices, out, steps, cfg_scale, seed, te
                 bar.set_postfix_str(f"{r.audio_seconds:.1f} s audio, {r.real_time_factor:.2f}x real time")
                 last = r
     except ValueError as e:
+        if writer is not None and writer.frames == 0:
+            out.unlink(missing_ok=True)  # nothing was made: leave nothing behind
         raise UserError(str(e))
     finally:
         bar.close()
