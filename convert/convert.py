@@ -70,8 +70,9 @@ def convert(
         raise ConversionError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
     if quantize and (q_bits not in Q_BITS or q_group_size not in Q_GROUP_SIZES):
         raise ConversionError(f"Quantization needs bits in {Q_BITS} and a group size in {Q_GROUP_SIZES}.")
-    source = hub.resolve(model, revision, hub.MODEL_PATTERNS + (hub.PICKLE_PATTERNS if allow_pickle else []))
     target = Path(mlx_path).expanduser().absolute()
+    _check_target(target, None, force)  # before a download, not after
+    source = hub.resolve(model, revision, hub.MODEL_PATTERNS + (hub.PICKLE_PATTERNS if allow_pickle else []))
     _check_target(target, source, force)
 
     raw_config = load_config(source)
@@ -150,9 +151,11 @@ def read_checkpoint(folder: Path, allow_pickle: bool = False) -> Dict[str, mx.ar
                                   "the download is incomplete.")
     if list(folder.glob("*.safetensors")):
         try:
-            weights, _ = read_weights(folder)
+            weights, fmt = read_weights(folder)
         except ValueError as e:
             raise ConversionError(str(e)) from None
+        if fmt == "mlx":
+            raise ConversionError(f"{folder} is an MLX folder already: load it directly (`say --model {folder}`).")
         if index.exists():
             absent = sorted(set(weight_map) - set(weights))
             if absent:
@@ -234,9 +237,12 @@ def _plan(model, weights, expected, quantized, dtype, max_shard_bytes) -> List[L
     shards, size = [[]], 0
     for key in sorted(weights):
         store = mx.float32 if keeps_float32(model, key, weights[key].ndim) else dtype
-        # A quantized weight is packed uint32 (shape from the quantized model); its scales and biases are `store`.
-        nbytes = sum(math.prod(expected[name].shape) * (4 if name == key and len(outs) > 1 else store.size)
-                     for outs in [_outputs(key, quantized)] for name in outs)
+        outs = _outputs(key, quantized)
+        if len(outs) == 1:
+            nbytes = weights[key].size * store.size
+        else:  # packed uint32 weight (shape from the quantized model), scales and biases in `store`
+            packed, scales, biases = (expected[name] for name in outs)
+            nbytes = packed.size * 4 + (scales.size + biases.size) * store.size
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
@@ -284,12 +290,12 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def _check_target(target: Path, source: Path, force: bool) -> None:
-    src = source.resolve()
+def _check_target(target: Path, source: Optional[Path], force: bool) -> None:
     if target.exists():
         if not force:
             raise ConversionError(f"{target} already exists: choose another --mlx-path or pass --force to replace it.")
-        if src == target.resolve() or target.resolve() in src.parents:
+        src = source.resolve() if source is not None else None
+        if src is not None and (src == target.resolve() or target.resolve() in src.parents):
             raise ConversionError(f"--mlx-path {target} holds the source checkpoint: --force would delete it.")
     if not target.parent.is_dir():
         raise ConversionError(f"The folder {target.parent} (parent of --mlx-path) does not exist.")

@@ -290,6 +290,10 @@ def test_existing_output_needs_force(tiny, tmp_path, out):
         convert(str(tiny["transformers"]), tiny["transformers"].parent, force=True)
     _assert_clean_error(e, "source checkpoint")
     assert (tiny["transformers"] / "model.safetensors").exists()
+    # A converted folder is not a checkpoint to convert again (its convs are already transposed).
+    with pytest.raises(ConversionError) as e:
+        convert(str(out), tmp_path / "again")
+    _assert_clean_error(e, "MLX folder already")
 
 
 def test_interrupted_conversion_leaves_nothing(tiny, tmp_path, out, monkeypatch):
