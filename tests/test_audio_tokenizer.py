@@ -201,6 +201,18 @@ def test_reset_is_a_fresh_stream(tokenizers):
     assert float(mx.abs(continued - restarted).max()) > 1e-2 * _scale(restarted)
 
 
+def test_reset_rows_resets_only_those_rows(tokenizers):
+    dec = tokenizers[0].decoder
+    a, b = _latents(2, 3, 8, seed=5), _latents(2, 2, 8, seed=6)
+    _, state = dec.stream(a, dec.make_state(2))
+    continued, _ = dec.stream(b, state)
+    mixed, _ = dec.stream(b, dec.reset_rows(state, mx.array([True, False])))
+    fresh = dec(b)
+    assert_close("reset row", mixed[0], fresh[0], atol=1e-5 * _scale(fresh))
+    assert_close("kept row", mixed[1], continued[1], atol=1e-5 * _scale(fresh))
+    assert float(mx.abs(continued[0] - fresh[0]).max()) > 1e-2 * _scale(fresh)
+
+
 def test_compiled_stream_step_equals_eager(tokenizers):
     dec, enc = tokenizers[0].decoder, tokenizers[1].encoder
     step = mx.compile(lambda z, s_dec, s_enc: _frame(dec, enc, z, s_dec, s_enc))

@@ -168,6 +168,12 @@ class _Streaming(nn.Module):
             state += [b.make_state(batch, self.dtype) for b in stage]
         return state + [self.head.make_state(batch, self.dtype)]
 
+    @staticmethod
+    def reset_rows(state: List[mx.array], rows: mx.array) -> List[mx.array]:
+        """Zero the state of the batch rows where `rows` [B] is True: the original's per-sample reset on
+        speech_end (a batch of one simply takes `make_state`)."""
+        return [mx.where(rows[:, None, None], mx.zeros_like(s), s) for s in state]
+
     def _run(self, x: mx.array, state: Optional[List[mx.array]]):
         """One-shot (state None) or streaming pass through resampling convs, stages and head."""
         x = x.astype(self.dtype)
