@@ -18,7 +18,7 @@ from vibevoice_mlx.convert.dtypes import DtypeError
 from vibevoice_mlx.convert.keys import torch_transpose
 from vibevoice_mlx.hub import HubError, resolve
 from vibevoice_mlx.loader import load_model
-from vibevoice_mlx.testing import tiny_checkpoint
+from vibevoice_mlx.testing import HUB_COMMIT, cache_repo, offline_hub, tiny_checkpoint
 
 # The language model's Linear layers of the tiny config (2 layers): the only ones quantization may touch.
 LM_LINEARS = {f"model.language_model.layers.{i}.{m}" for i in range(2) for m in
@@ -315,7 +315,7 @@ def test_interrupted_conversion_leaves_nothing(tiny, tmp_path, out, monkeypatch)
 
 
 def test_missing_tokenizer_is_a_clear_error(tiny, tmp_path, out, monkeypatch):
-    _offline(monkeypatch, tmp_path / "hf-cache")
+    offline_hub(monkeypatch, tmp_path / "hf-cache")
     with pytest.raises(ConversionError) as e:
         convert(str(tiny["original"]), out)  # its preprocessor config names Qwen/Qwen2.5-1.5B: not cached
     _assert_clean_error(e, "Qwen/Qwen2.5-1.5B", "--tokenizer")
@@ -324,41 +324,20 @@ def test_missing_tokenizer_is_a_clear_error(tiny, tmp_path, out, monkeypatch):
 
 # --- hub -----------------------------------------------------------------------------------------------------
 
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-def _offline(monkeypatch, cache: Path):
-    """An empty (or fake) hub cache and offline mode: nothing here may touch the network."""
-    from huggingface_hub import constants
-
-    cache.mkdir(parents=True, exist_ok=True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-
-
-def _cache_repo(cache: Path, repo: str, files_from: Path) -> Path:
-    root = cache / ("models--" + repo.replace("/", "--"))
-    snapshot = root / "snapshots" / COMMIT
-    shutil.copytree(files_from, snapshot)
-    (root / "refs").mkdir(parents=True)
-    (root / "refs" / "main").write_text(COMMIT)
-    return snapshot
 
 
 def test_hub_id_from_offline_cache(tiny, tmp_path, out, monkeypatch):
     cache = tmp_path / "hf-cache"
-    _offline(monkeypatch, cache)
-    snapshot = _cache_repo(cache, "someone/VibeVoice-tiny-hf", tiny["transformers"])
+    offline_hub(monkeypatch, cache)
+    snapshot = cache_repo(cache, "someone/VibeVoice-tiny-hf", tiny["transformers"])
     assert resolve("someone/VibeVoice-tiny-hf") == snapshot
     convert("someone/VibeVoice-tiny-hf", out)
     conversion = json.loads((out / "config.json").read_text())["conversion"]
-    assert conversion["source"] == "someone/VibeVoice-tiny-hf" and conversion["revision"] == COMMIT
+    assert conversion["source"] == "someone/VibeVoice-tiny-hf" and conversion["revision"] == HUB_COMMIT
 
 
 def test_hub_id_not_cached_offline(tmp_path, out, monkeypatch):
-    _offline(monkeypatch, tmp_path / "hf-cache")
+    offline_hub(monkeypatch, tmp_path / "hf-cache")
     with pytest.raises(HubError) as e:
         convert("microsoft/VibeVoice-1.5B", out)
     _assert_clean_error(e, "microsoft/VibeVoice-1.5B", "HF_HUB_OFFLINE", "local folder")
@@ -372,7 +351,7 @@ def test_hub_id_not_cached_offline(tmp_path, out, monkeypatch):
 
 
 def test_cli_convert_and_user_errors(tiny, tmp_path, monkeypatch, caplog):
-    _offline(monkeypatch, tmp_path / "hf-cache")
+    offline_hub(monkeypatch, tmp_path / "hf-cache")
     out = tmp_path / "cli"
     runner = CliRunner()
     args = ["convert", "--model", str(tiny["original"]), "--mlx-path", str(out), "--tokenizer",

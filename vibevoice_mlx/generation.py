@@ -184,11 +184,16 @@ def generate_segment(
     """The frame loop for one prompt. Yields (token, audio chunk or None); the last item may be ("truncated", None)."""
     m = model.model
     lm = m.language_model
-    allowed = (tokens.speech_start, tokens.speech_end, tokens.speech_diffusion, tokens.eos)
+    allowed = tokens.control_ids
     head_rows = model.head_rows(allowed)
     solver = DPMSolver()
     dtype = lm.embed_tokens.weight.dtype if hasattr(lm.embed_tokens, "weight") else mx.float32
 
+    prompt_len = len(input_ids)
+    max_pos = model.config.decoder_config.get("max_position_embeddings", 32768)
+    if prompt_len >= max_pos:
+        raise ValueError(f"The prompt has {prompt_len} tokens, more than the model's context of {max_pos}: use "
+                         "shorter voice samples (each second costs 7.5 tokens) or split the script.")
     embeds = _prompt_embeddings(model, input_ids, speech_mask, voice_latents)
     cache = backbone.make_cache(lm)
     if embeds.shape[1] > 1:
@@ -198,8 +203,6 @@ def generate_segment(
     # first input are the same embedding, so both start with one batched step.
     x = embeds[:, -1:]
 
-    prompt_len = len(input_ids)
-    max_pos = model.config.decoder_config.get("max_position_embeddings", 32768)
     max_steps = min(max_pos - prompt_len, 2 * prompt_len)  # the original's length rule (§6.6)
     dec_state = m.acoustic_tokenizer.decoder.make_state(1)
     sem_state = m.semantic_tokenizer.encoder.make_state(1)

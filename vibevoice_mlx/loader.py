@@ -100,9 +100,9 @@ def load_model(
     """
     folder = resolve_folder(path, revision)
     raw_config = load_config(folder)
+    config = ModelConfig.from_dict(raw_config)  # an unsupported config fails here, before reading weights
     weights, fmt = read_weights(folder)
     layout = "mlx" if fmt == "mlx" else detect_layout(raw_config)
-    config = ModelConfig.from_dict(raw_config)
     model = Model(config)
     if config.quantization:
         q = config.quantization
@@ -213,6 +213,7 @@ def load(
 
             target = cached_conversion(str(path_or_repo), revision, dtype or "float16")
             if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
                 logger.warning("Converting %s to MLX once, into %s", path_or_repo, target)
                 convert(str(path_or_repo), target, dtype=dtype or "float16", revision=revision,
                         tokenizer=tokenizer)

@@ -69,3 +69,29 @@ def snr_db(got, want) -> float:
     g, w = to_numpy(got), to_numpy(want)
     noise = np.sum((g - w) ** 2)
     return float("inf") if noise == 0 else float(10 * np.log10(np.sum(w**2) / noise))
+
+
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def offline_hub(monkeypatch, cache: Path) -> None:
+    """An empty (or fake) Hugging Face cache at `cache`, in offline mode: nothing may touch the network."""
+    from huggingface_hub import constants
+
+    cache.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+
+
+def cache_repo(cache: Path, repo: str, files_from: Path) -> Path:
+    """Put a folder into the fake hub cache as `repo` at `HUB_COMMIT` (refs/main); returns the snapshot."""
+    import shutil
+
+    root = cache / ("models--" + repo.replace("/", "--"))
+    snapshot = root / "snapshots" / HUB_COMMIT
+    shutil.copytree(files_from, snapshot)
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(HUB_COMMIT)
+    return snapshot

@@ -1,0 +1,82 @@
+"""The generation loop and API on the tiny model (pure MLX; parity with PyTorch is in parity_tests/)."""
+
+import logging
+
+import numpy as np
+import pytest
+
+import vibevoice_mlx as vv
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny):
+    return vv.load(tiny["original"], tokenizer=tiny["tokenizer"])
+
+
+def frames_then_stop(n):
+    seq = iter([259] * n + [258, 256])
+    return lambda logits, ids: next(seq)
+
+
+def test_frames_audio_and_figures(pipe):
+    r = vv.generate(pipe, "Speaker 1: Hello.", sampler=frames_then_stop(4), seed=0)
+    assert r.frames == 4 and r.audio.dtype == np.float32 and r.audio.shape == (4 * pipe.hop_length,)
+    assert r.sample_rate == 24000 and r.tokens == [[259] * 4 + [258, 256]]
+    assert r.real_time_factor > 0 and r.elapsed > 0 and not r.truncated
+
+
+def test_stream_yields_each_frame_as_made(pipe):
+    chunks = list(vv.stream_generate(pipe, "Speaker 1: Hello.", sampler=frames_then_stop(3), seed=0))
+    audio = [c for c in chunks if c.audio.size]
+    assert [c.frames for c in audio] == [1, 2, 3]
+    assert all(c.audio.shape == (pipe.hop_length,) for c in audio)
+    assert chunks[-1].finished and not chunks[-1].truncated
+
+
+def test_seed_makes_runs_reproducible_and_matters(pipe):
+    kw = dict(sampler=None, voices=[np.random.default_rng(0).standard_normal(64).astype(np.float32)],
+              temperature=1.0, top_p=0.9, max_seconds=8 * 16 / 24000)
+    a = vv.generate(pipe, "Speaker 1: Hi.", seed=3, **kw)
+    b = vv.generate(pipe, "Speaker 1: Hi.", seed=3, **kw)
+    c = vv.generate(pipe, "Speaker 1: Hi.", seed=4, **kw)
+    assert a.tokens == b.tokens and np.array_equal(a.audio, b.audio)
+    assert a.tokens != c.tokens or not np.array_equal(a.audio, c.audio)
+
+
+def test_tokens_are_control_tokens_only(pipe):
+    r = vv.generate(pipe, "Speaker 1: Hi there.", seed=1, temperature=1.5, max_seconds=0.01)
+    assert r.tokens and set(sum(r.tokens, [])) <= set(pipe.tokens.control_ids)
+
+
+def test_sampler_outside_control_tokens_is_an_error(pipe):
+    with pytest.raises(ValueError, match="not one of the control tokens"):
+        vv.generate(pipe, "Speaker 1: Hi.", sampler=lambda logits, ids: 5)
+
+
+def test_prompt_longer_than_context_is_a_clear_error(pipe):
+    long_voice = np.zeros(16 * 5000, np.float32)  # 5000 frames > the tiny context of 4096
+    with pytest.raises(ValueError, match="context"):
+        vv.generate(pipe, "Speaker 1: Hi.", voices=[long_voice])
+
+
+def test_length_rule_truncates_with_a_warning(pipe, caplog):
+    """The original's rule: at most 2x the prompt length in steps (§6.6), and the user is told."""
+    from vibevoice_mlx.processor import build_prompt
+
+    always = lambda logits, ids: 259  # noqa: E731
+    with caplog.at_level(logging.WARNING):
+        r = vv.generate(pipe, "Speaker 1: Hi.", sampler=always)
+    prompt_len = len(build_prompt(pipe.tokenizer, [(0, " Hi.")], [], pipe.tokens, num_speakers=1).input_ids)
+    assert r.truncated and any("cut short" in m for m in caplog.messages)
+    assert r.frames == 2 * prompt_len
+
+
+def test_injected_noise_too_short_is_an_error(pipe):
+    with pytest.raises(ValueError, match="noise"):
+        vv.generate(pipe, "Speaker 1: Hi.", sampler=frames_then_stop(3), noise=np.zeros((2, 8), np.float32))
+
+
+def test_no_voice_is_allowed_and_said(pipe, caplog):
+    with caplog.at_level(logging.WARNING):
+        r = vv.generate(pipe, "Speaker 1: Hi.", sampler=frames_then_stop(2))
+    assert r.frames == 2 and any("No voice" in m for m in caplog.messages)

@@ -1,0 +1,98 @@
+"""The one loader: raw folders of both layouts, converted folders, dtype policy, strictness, hub ids."""
+
+import json
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from mlx.utils import tree_flatten
+
+import vibevoice_mlx as vv
+from vibevoice_mlx import generation
+from vibevoice_mlx.cli import main
+from vibevoice_mlx.loader import LoadError, load_model
+from vibevoice_mlx.testing import cache_repo, offline_hub
+
+
+def _params(model):
+    return {k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(model.parameters())}
+
+
+def test_both_raw_layouts_load_to_the_same_parameters(tiny):
+    a, _ = load_model(tiny["original"], dtype="float32")
+    b, _ = load_model(tiny["transformers"], dtype="float32")
+    pa, pb = _params(a), _params(b)
+    assert pa.keys() == pb.keys() and len(pa) > 200
+    for k in pa:
+        np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
+
+
+def test_float16_keeps_the_small_parameters_float32(tiny):
+    model, _ = load_model(tiny["original"], dtype="float16")
+    p = dict(tree_flatten(model.parameters()))
+    assert p["model.language_model.layers.0.mlp.up_proj.weight"].dtype == mx.float16
+    assert p["model.speech_scaling_factor"].dtype == mx.float32
+    gammas = [k for k in p if k.endswith("gamma")]
+    assert gammas and all(p[k].dtype == mx.float32 for k in gammas)
+
+
+def test_default_dtype_follows_the_device(tiny):
+    model, _ = load_model(tiny["original"])
+    want = mx.float16 if mx.default_device() == mx.gpu else mx.float32
+    assert model.model.language_model.norm.weight.dtype == want
+
+
+def test_a_wrong_layout_fails_loudly(tiny, tmp_path):
+    """Transformers-layout weights under an original config: an error that names tensors, not a silent guess."""
+    bad = tmp_path / "mixed"
+    shutil.copytree(tiny["original"], bad)
+    shutil.copy(tiny["transformers"] / "model.safetensors", bad / "model.safetensors")
+    with pytest.raises(LoadError, match="missing .*unexpected .*model.audio_tower"):
+        load_model(bad)
+
+
+def test_unknown_config_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="not a VibeVoice"):
+        load_model(tmp_path)
+
+
+def test_missing_folder_or_repo_is_a_clear_error(tmp_path, monkeypatch):
+    offline_hub(monkeypatch, tmp_path / "hf-cache")
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE"):
+        load_model("nobody/nothing")
+
+
+def test_missing_tokenizer_says_how_to_fix(tiny):
+    with pytest.raises(LoadError, match="--tokenizer"):
+        vv.load(tiny["original"])
+
+
+def test_say_converts_a_hub_checkpoint_once_and_reuses_it(tiny, tmp_path, monkeypatch):
+    cache = tmp_path / "hf-cache"
+    offline_hub(monkeypatch, cache)
+    cache_repo(cache, "someone/VibeVoice-tiny-hf", tiny["transformers"])
+    monkeypatch.setenv("VIBEVOICE_MLX_CACHE", str(tmp_path / "vv-cache"))
+    seq = {"n": 0}
+
+    def two_frames(logits, ids):
+        seq["n"] += 1
+        return ids[2] if seq["n"] % 4 in (1, 2) else (ids[1] if seq["n"] % 4 == 3 else ids[3])
+
+    monkeypatch.setattr(generation, "greedy", two_frames)
+    conversions = []
+    import vibevoice_mlx.convert.convert as conv
+
+    real = conv.convert
+    monkeypatch.setattr(conv, "convert", lambda *a, **k: conversions.append(a) or real(*a, **k))
+    runner = CliRunner()
+    for name in ("a.wav", "b.wav"):
+        r = runner.invoke(main, ["say", "Speaker 1: Hi.", "--model", "someone/VibeVoice-tiny-hf",
+                                 "-o", str(tmp_path / name), "--seed", "3"])
+        assert r.exit_code == 0, r.output
+    assert len(conversions) == 1
+    converted = list((tmp_path / "vv-cache" / "models").iterdir())
+    assert [p.name for p in converted] == ["someone--VibeVoice-tiny-hf--float16"]
+    assert (tmp_path / "a.wav").read_bytes() == (tmp_path / "b.wav").read_bytes()
