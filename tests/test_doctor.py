@@ -61,9 +61,23 @@ def test_missing_torch_and_mlx_name_the_fix(monkeypatch):
 
 def test_nothing_missing_when_everything_is_installed():
     report = doctor.doctor_report(memory_bytes=16 * GB)
-    # The test environment has the full install (pip install -e '.[torch,test]'); an NVIDIA machine without the
-    # cuda extra is told about it, which is the only thing that may remain.
-    missing = [m for m in report["missing"] if "NVIDIA" not in m["what"]]
+    # The test environment has the full install (pip install -e '.[torch,test]'); what may remain is about the
+    # machine: an NVIDIA GPU without the cuda extra, or the slow BLAS of MLX's Linux CPU wheel.
+    missing = [m for m in report["missing"] if "NVIDIA" not in m["what"] and "GFLOP/s" not in m["what"]]
     assert missing == []
     if not report["missing"]:
         assert doctor.format_report(report).endswith("Missing\n  nothing")
+
+
+@pytest.mark.parametrize("gflops, told", [(5.0, True), (300.0, False)])
+def test_slow_cpu_blas_is_reported_with_the_fix(monkeypatch, gflops, told):
+    monkeypatch.setattr(doctor, "cpu_matmul_gflops", lambda: gflops)
+    monkeypatch.setattr(doctor.platform, "system", lambda: "Linux")
+    report = doctor.doctor_report(memory_bytes=16 * GB)
+    if report["mlx"]["backend"] != "CPU":
+        pytest.skip("MLX runs on a GPU here: the CPU BLAS check does not apply")
+    blas = [m for m in report["missing"] if "GFLOP/s" in m["what"]]
+    assert bool(blas) == told
+    if told:
+        assert "LD_PRELOAD" in blas[0]["fix"] and "openblas" in blas[0]["fix"]
+        assert f"CPU float32 matmul: {gflops}" in doctor.format_report(report)

@@ -27,6 +27,9 @@ _CORE = [
 _TORCH_FIX = "pip install 'vibevoice-mlx[torch]'"
 
 
+SLOW_BLAS_GFLOPS = 30.0
+
+
 def _version(dist: str) -> Optional[str]:
     try:
         return importlib.metadata.version(dist)
@@ -83,7 +86,23 @@ def _mlx_info() -> Dict:
     else:
         info["backend"] = "CPU"
     info["device"] = str(mx.default_device())
+    if info["backend"] == "CPU":
+        info["cpu_gflops"] = round(cpu_matmul_gflops(), 1)
     return info
+
+
+def cpu_matmul_gflops(n: int = 512, repeats: int = 3) -> float:
+    """float32 matmul speed of MLX's CPU backend: the BLAS it runs on decides generation speed there."""
+    import time
+
+    import mlx.core as mx
+
+    a = mx.random.normal((n, n), key=mx.random.key(0))
+    mx.eval(a @ a)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        mx.eval(a @ a)
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
 def _torch_info() -> Dict:
@@ -113,6 +132,11 @@ def _missing(plat: Dict, mlx: Dict, torch: Dict) -> List[Dict[str, str]]:
     elif plat["system"] == "Linux" and mlx["backend"] == "CPU" and shutil.which("nvidia-smi"):
         out.append({"what": "an NVIDIA GPU is present but MLX runs on the CPU",
                     "fix": "pip install 'vibevoice-mlx[cuda]'"})
+    if plat["system"] == "Linux" and mlx.get("cpu_gflops") is not None and mlx["cpu_gflops"] < SLOW_BLAS_GFLOPS:
+        # The mlx[cpu] wheel ships a reference BLAS (about 5 GFLOP/s here); OpenBLAS runs the same matmul ~50x faster.
+        out.append({"what": f"MLX's CPU matmuls run at {mlx['cpu_gflops']} GFLOP/s (the wheel's reference BLAS)",
+                    "fix": "apt-get install libopenblas0-pthread, then run with LD_PRELOAD="
+                           "/usr/lib/$(uname -m)-linux-gnu/openblas-pthread/libopenblas.so.0"})
     for module, dist, requirement in _CORE:
         if importlib.util.find_spec(module) is None:
             out.append({"what": f"{dist} is not installed", "fix": f"pip install '{requirement}'"})
@@ -159,6 +183,8 @@ def format_report(report: Dict) -> str:
         lines.append(f"  not available: {m['error'] or 'not installed'}")
     else:
         lines.append(f"  {m['version']}, backend: {m['backend']} (default device {m['device']})")
+        if m.get("cpu_gflops") is not None:
+            lines.append(f"  CPU float32 matmul: {m['cpu_gflops']} GFLOP/s")
     lines += ["Memory", f"  {mem['gb']} GB {mem['kind']}" if mem["gb"] is not None else "  unknown", "PyTorch"]
     if t["version"] is None:
         lines.append("  not installed")
