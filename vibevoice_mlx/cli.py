@@ -194,5 +194,45 @@ def _player():
     return stream
 
 
+# --- bench ---
+
+
+@main.command()
+@click.option("-m", "--model", required=True, help="Model folder or repo id (as for say).")
+@click.option("--backends", default="mlx", show_default=True,
+              help="Comma-separated, timed in this order; the last is the baseline of the ratios (e.g. mlx,torch).")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), help="Compute dtype.")
+@click.option("--frames", default=16, show_default=True, type=click.IntRange(2), help="Frames timed per run.")
+@click.option("--runs", default=3, show_default=True, type=click.IntRange(1))
+@click.option("--warmup", default=2, show_default=True, type=click.IntRange(1), help="Frames not timed per run.")
+@click.option("--steps", default=10, show_default=True, type=click.IntRange(1, 100))
+@click.option("--cfg-scale", default=1.3, show_default=True, type=float)
+@click.option("--voice-seconds", default=3.0, show_default=True, type=click.FloatRange(0),
+              help="Length of the synthetic voice prompt (0: no voice).")
+@click.option("--script", default=None, help="Text to speak (default: one sentence).")
+@click.option("--force-frames", is_flag=True, help="Make every step a frame (random-weight checkpoints).")
+@click.option("--tokenizer", help="Tokenizer folder or repo id, when the model folder has none.")
+def bench(model, backends, dtype, frames, runs, warmup, steps, cfg_scale, voice_seconds, script, force_frames,
+          tokenizer):
+    """Time generation per frame for each backend in one run and print the ratios."""
+    from . import bench as b
+
+    names = [n.strip() for n in backends.split(",") if n.strip()]
+    bad = [n for n in names if n not in ("mlx", "torch")]
+    if bad or not names:
+        raise UserError(f"Unknown backend(s) {bad or backends!r}: use mlx, torch or mlx,torch.")
+    click.echo(f"machine: {b.machine()}")
+    click.echo(f"model: {model}; {frames} frames x {runs} runs after {warmup} warm-up frames; {steps} steps, "
+               f"cfg {cfg_scale}; voice {voice_seconds:g} s" + ("; forced frames" if force_frames else ""))
+    results = []
+    for name in names:
+        r = b.run_backend(model, name, dtype, script or b.DEFAULT_SCRIPT, voice_seconds, frames, runs, warmup,
+                          steps, cfg_scale, force_frames, tokenizer)
+        results.append(r)
+        click.echo(b.format_results([r]))
+    if len(results) > 1:
+        click.echo(b.format_results(results).splitlines()[-1])
+
+
 if __name__ == "__main__":
     main()
