@@ -15,11 +15,12 @@ without promoting the activations. Inputs are cast to the weight dtype; latents 
 
 import logging
 import math
-from dataclasses import dataclass, fields
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass
+from typing import List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.base import BaseModelArgs
 
 from .conv import CausalConv1d, CausalConvTranspose1d
 
@@ -27,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class TokenizerConfig:
+class TokenizerConfig(BaseModelArgs):  # from_dict ignores unknown keys
     """One tokenizer's config, in the normalized (original) field names of `convert.layouts.normalize_config`."""
 
     vae_dim: int
@@ -56,15 +57,6 @@ class TokenizerConfig:
         self.decoder_depths = _depth_str(self.decoder_depths)
         if len(self.encoder_depth_list) != len(self.encoder_ratios) + 1:
             raise ValueError("encoder_depths needs one entry more than encoder_ratios.")
-
-    @classmethod
-    def from_dict(cls, params: Dict[str, Any]) -> "TokenizerConfig":
-        """Build from a config dict, ignoring (and logging once) keys this dataclass does not know."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(params) - names)
-        if unknown:
-            logger.debug("TokenizerConfig ignores %s", unknown)
-        return cls(**{k: v for k, v in params.items() if k in names})
 
     @property
     def hop_length(self) -> int:
@@ -180,17 +172,11 @@ class _Streaming(nn.Module):
         new = []
         it = iter(state) if state is not None else None
         for convs, stage in self._layers():
-            for conv in convs:
+            for layer in (*convs, *stage):  # convs and blocks share the call / step(x, state) interface
                 if it is None:
-                    x = conv(x)
+                    x = layer(x)
                 else:
-                    x, s = conv.step(x, next(it))
-                    new.append(s)
-            for block in stage:
-                if it is None:
-                    x = block(x)
-                else:
-                    x, s = block.step(x, next(it))
+                    x, s = layer.step(x, next(it))
                     new.append(s)
         if it is None:
             return self.head(x).astype(mx.float32), None

@@ -5,11 +5,12 @@ Attribute names follow the original checkpoint under `model.prediction_head.`, s
 
 import logging
 import math
-from dataclasses import dataclass, fields
-from typing import Any, Dict, List, Sequence
+from dataclasses import dataclass
+from typing import Dict, List, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.base import BaseModelArgs
 import numpy as np
 
 logger = logging.getLogger(__name__)
@@ -18,22 +19,13 @@ MAX_PERIOD = 10000  # a code constant in both references, not a config field
 
 
 @dataclass
-class DiffusionHeadConfig:
+class DiffusionHeadConfig(BaseModelArgs):  # from_dict ignores unknown keys
     hidden_size: int = 1536
     latent_size: int = 64
     head_layers: int = 4
     head_ffn_ratio: float = 3.0
     rms_norm_eps: float = 1e-5
     frequency_embedding_size: int = 256
-
-    @classmethod
-    def from_dict(cls, params: Dict[str, Any]) -> "DiffusionHeadConfig":
-        """Build from a normalized `diffusion_head_config`; scheduler fields and other keys are ignored."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(params) - names)
-        if unknown:
-            logger.debug("DiffusionHeadConfig ignores %s", unknown)
-        return cls(**{k: v for k, v in params.items() if k in names})
 
     @property
     def ffn_dim(self) -> int:

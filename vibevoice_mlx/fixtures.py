@@ -186,7 +186,7 @@ def random_tensor(key: str, shape, seed: int):
 def _write_shards(tensors: Iterable, out: Path, max_shard_bytes: int, metadata: Dict) -> None:
     from safetensors.torch import save_file
 
-    shards, current, size, total = [], {}, 0, 0
+    current, size, total = {}, 0, 0
     names = []
 
     def flush():

@@ -380,12 +380,10 @@ def _stream_torch(pipe, script, voices, config, sampler, noise):
         raise ValueError("Saved voices (.safetensors) need the MLX backend; give the audio file with --backend torch.")
     frames_per_voice = [math.ceil(len(v) / pipe.hop_length) for v in voice_arrays]
     latent = pipe.config.acoustic_vae_dim
-    torch_sampler = None
-    if sampler is not None:
-        allowed = pipe.tokens.control_ids
-
-        def torch_sampler(logits):
-            return sampler(mx.array(np.asarray(logits)[list(allowed)]), allowed)
+    allowed = pipe.tokens.control_ids
+    # transformers hands the sampler full-vocabulary logits; ours see the control tokens only
+    torch_sampler = None if sampler is None else (
+        lambda logits: sampler(mx.array(np.asarray(logits)[list(allowed)]), allowed))
 
     frame = [0]
 
