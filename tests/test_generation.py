@@ -80,3 +80,21 @@ def test_no_voice_is_allowed_and_said(pipe, caplog):
     with caplog.at_level(logging.WARNING):
         r = vv.generate(pipe, "Speaker 1: Hi.", sampler=frames_then_stop(2))
     assert r.frames == 2 and any("No voice" in m for m in caplog.messages)
+
+
+def test_free_memory_after_generate(pipe, monkeypatch):
+    from vibevoice_mlx import memory
+
+    calls = []
+    monkeypatch.setattr(memory, "free_memory", lambda: calls.append(1) or ["mlx"])
+    vv.generate(pipe, "Speaker 1: Hi.", sampler=frames_then_stop(1))
+    assert calls == []
+    vv.generate(pipe, "Speaker 1: Hi.", sampler=frames_then_stop(1), free_memory_after_generate=True)
+    assert calls == [1]
+
+
+def test_more_than_four_speakers_warns(pipe, caplog):
+    script = "\n".join(f"Speaker {i}: Hi." for i in range(1, 6))
+    with caplog.at_level(logging.WARNING):
+        vv.generate(pipe, script, sampler=frames_then_stop(1))
+    assert any("up to 4" in m for m in caplog.messages)

@@ -166,3 +166,19 @@ def test_killed_run_leaves_a_valid_file(tiny, tmp_path):
     audio, sr = sf.read(out)
     assert sr == 24000 and len(audio) >= 20 * 16 and len(audio) % 16 == 0
     assert np.abs(audio).max() > 0
+
+
+def test_torch_backend_from_the_command_line(tiny, tmp_path, monkeypatch):
+    """--backend torch runs transformers' generate (its token choice forced to 4 frames, then stop)."""
+    from vibevoice_mlx import torch_backend
+
+    real = torch_backend.torch_generate
+    monkeypatch.setattr(torch_backend, "torch_generate",
+                        lambda *a, **k: real(*a, **dict(k, forced_tokens=[259] * 4 + [258, 256])))
+    out = tmp_path / "torch.wav"
+    r = CliRunner().invoke(main, ["say", "Speaker 1: Hello.", "--model", str(tiny["transformers"]), "--backend",
+                                  "torch", "--device", "cpu", "--attention", "eager", "-o", str(out), "--seed", "0"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    audio, sr = sf.read(out)
+    assert sr == 24000 and len(audio) == 4 * 16 and np.abs(audio).max() > 0

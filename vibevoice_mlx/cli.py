@@ -103,11 +103,13 @@ def _read_script(text, file):
 @click.option("--device", default="auto", show_default=True, help="torch backend: auto, mps, cuda or cpu.")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]),
               help="Compute dtype (default: float16 on a GPU, float32 on the CPU).")
+@click.option("--attention", default="auto", show_default=True, type=click.Choice(["auto", "sdpa", "eager"]),
+              help="torch backend: attention implementation.")
 @click.option("--tokenizer", help="Tokenizer folder or repo id, when the model folder has none.")
 @click.option("--force", is_flag=True, help="Overwrite the output file (and saved voices).")
 @click.option("--play", is_flag=True, help="Play while generating (needs: pip install 'vibevoice-mlx[play]').")
 def say(text, file, model, voices, save_voices, output, steps, cfg_scale, seed, temperature, top_p, max_seconds,
-        backend, device, dtype, tokenizer, force, play):
+        backend, device, dtype, attention, tokenizer, force, play):
     """Speak TEXT (or --file) into an audio file, writing it as the audio is produced."""
     from pathlib import Path
 
@@ -130,11 +132,11 @@ def say(text, file, model, voices, save_voices, output, steps, cfg_scale, seed, 
         if not Path(v).is_file():
             raise UserError(f"Voice file not found: {v}")
     _run_say(script, model, voices, save_voices, out, steps, cfg_scale, seed, temperature, top_p, max_seconds,
-             backend, device, dtype, tokenizer, force, play)
+             backend, device, dtype, attention, tokenizer, force, play)
 
 
 def _run_say(script, model, voices, save_voices, out, steps, cfg_scale, seed, temperature, top_p, max_seconds,
-             backend, device, dtype, tokenizer, force, play):
+             backend, device, dtype, attention, tokenizer, force, play):
     from tqdm import tqdm
 
     from . import generation as gen
@@ -142,7 +144,7 @@ def _run_say(script, model, voices, save_voices, out, steps, cfg_scale, seed, te
     from .loader import LoadError, load
 
     try:
-        pipe = load(model, backend=backend, device=device, dtype=dtype, tokenizer=tokenizer)
+        pipe = load(model, backend=backend, device=device, dtype=dtype, tokenizer=tokenizer, attention=attention)
     except (LoadError, ValueError, FileNotFoundError) as e:
         raise UserError(str(e))
     voice_inputs = list(voices)

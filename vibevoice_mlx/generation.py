@@ -39,6 +39,7 @@ class GenerationConfig:
     max_seconds: Optional[float] = None
     voice_noise: bool = True  # σ-VAE noise on voice-prompt latents (architecture.md §3.3.5); off for parity
     prefill_chunk: int = 512
+    free_memory_after_generate: bool = False  # release MLX/torch caches when the script is done
 
 
 @dataclass
@@ -287,6 +288,8 @@ def stream_generate(
         return
     items = parse_script(script)
     speakers = script_speakers(items)
+    if len(speakers) > 4:
+        logger.warning("The script has %d speakers; VibeVoice was trained with up to 4.", len(speakers))
     voice_arrays = _prepare_voices(pipe, voices)
     if not voice_arrays:
         logger.warning("No voice given: the model picks the voices itself.")
@@ -341,6 +344,10 @@ def stream_generate(
                 yield response(np.zeros(0, np.float32), token, index)
                 if token == pipe.tokens.eos:
                     break
+    if config.free_memory_after_generate:
+        from .memory import free_memory
+
+        free_memory()
     yield response(np.zeros(0, np.float32), None, len(items) - 1, finished=True)
 
 
@@ -406,7 +413,8 @@ def _stream_torch(pipe, script, voices, config, sampler, noise):
             out = torch_generate(pipe.model, prompt.input_ids, voice_arrays or None, prompt.speech_input_mask,
                                  steps=config.steps, cfg_scale=config.cfg_scale,
                                  noise=torch_noise if noise is not None else None, token_sampler=torch_sampler,
-                                 max_new_tokens=max_new, sample_voice_noise=config.voice_noise, seed=config.seed)
+                                 max_new_tokens=max_new, sample_voice_noise=config.voice_noise, seed=config.seed,
+                                 free_memory_after_generate=config.free_memory_after_generate)
             audio, tokens = out.audio, [int(t) for t in out.tokens]
             total_frames += len(audio) // pipe.hop_length
         samples += len(audio)

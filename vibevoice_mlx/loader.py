@@ -186,13 +186,15 @@ def load(
     dtype: Optional[str] = None,
     tokenizer: Optional[Union[str, Path]] = None,
     revision: Optional[str] = None,
+    attention: str = "auto",
 ) -> VibeVoice:
     """Load a VibeVoice model for generation.
 
     path_or_repo: a converted MLX folder, a PyTorch checkpoint folder (original or transformers layout) or a hub
     repo id. With backend="mlx", a hub PyTorch checkpoint is converted once into ~/.cache/vibevoice-mlx (or
     $VIBEVOICE_MLX_CACHE) and reused. backend="torch" runs transformers' VibeVoice (MPS, CUDA or CPU; `device`).
-    dtype: float16 / bfloat16 / float32; default float16 on a GPU, float32 on the CPU.
+    dtype: float16 / bfloat16 / float32; default float16 on a GPU, float32 on the CPU (torch: float16 on MPS,
+    bfloat16 on CUDA). attention (torch backend): auto, sdpa or eager.
     """
     from .processor import SpecialTokens
 
@@ -204,7 +206,7 @@ def load(
     if backend == "torch":
         from .torch_backend import load_torch_model
 
-        model = load_torch_model(folder, device=device, dtype=dtype or "auto",
+        model = load_torch_model(folder, device=device, dtype=dtype or "auto", attention=attention,
                                  tokenizer_path=resolve_folder(tokenizer) if tokenizer else None)
     else:
         is_raw = not _is_converted(folder)
