@@ -182,3 +182,48 @@ def test_torch_backend_from_the_command_line(tiny, tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     audio, sr = sf.read(out)
     assert sr == 24000 and len(audio) == 4 * 16 and np.abs(audio).max() > 0
+
+
+def test_play_without_the_extra_says_how_to_install(tiny, tmp_path, monkeypatch, forced):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_sounddevice(name, *a, **k):
+        if name == "sounddevice":
+            raise ImportError("No module named 'sounddevice'")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_sounddevice)
+    out = tmp_path / "play.wav"
+    r = _say(tiny, "Speaker 1: Hello.", "-o", out, "--play")
+    assert r.exit_code != 0 and "vibevoice-mlx[play]" in r.output
+    assert not out.exists()
+
+
+def test_play_streams_each_chunk_to_the_audio_device(tiny, tmp_path, monkeypatch, forced):
+    import sys
+    import types
+
+    played = []
+
+    class Stream:
+        def __init__(self, samplerate, channels, dtype):
+            assert (samplerate, channels, dtype) == (24000, 1, "float32")
+
+        def start(self):
+            pass
+
+        def write(self, block):
+            played.append(block.shape)
+
+        def stop(self):
+            played.append("stop")
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "sounddevice", types.SimpleNamespace(OutputStream=Stream))
+    r = _say(tiny, "Speaker 1: Hello.", "-o", tmp_path / "p.wav", "--play")
+    assert r.exit_code == 0, r.output
+    assert played == [(16, 1)] * K + ["stop"]
