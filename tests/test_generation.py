@@ -98,3 +98,13 @@ def test_more_than_four_speakers_warns(pipe, caplog):
     with caplog.at_level(logging.WARNING):
         vv.generate(pipe, script, sampler=frames_then_stop(1))
     assert any("up to 4" in m for m in caplog.messages)
+
+
+def test_compiled_frames_equal_eager_frames(pipe):
+    voices = [np.random.default_rng(5).standard_normal(80).astype(np.float32)]
+    runs = {}
+    for compiled in (True, False):
+        runs[compiled] = vv.generate(pipe, "Speaker 1: Hello there.", voices=voices, seed=2, compile=compiled,
+                                     sampler=frames_then_stop(6))
+    assert runs[True].frames == runs[False].frames == 6
+    np.testing.assert_allclose(runs[True].audio, runs[False].audio, atol=1e-5 * np.abs(runs[False].audio).max())

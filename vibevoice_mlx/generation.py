@@ -40,6 +40,7 @@ class GenerationConfig:
     voice_noise: bool = True  # σ-VAE noise on voice-prompt latents (architecture.md §3.3.5); off for parity
     prefill_chunk: int = 512
     free_memory_after_generate: bool = False  # release MLX/torch caches when the script is done
+    compile: bool = True  # fuse each frame's diffusion, decode and re-encode with mx.compile (same results)
 
 
 @dataclass
@@ -171,6 +172,44 @@ def _prompt_embeddings(model, input_ids: List[int], speech_mask: List[bool], voi
     return embeds
 
 
+class FrameStep:
+    """Everything a speech frame does after the LM step, as one function (compiled unless `compile=False`).
+
+    (pos_h, neg_h, noise, decoder state, semantic state) -> (latent z, audio, next input embedding, states):
+    the CFG diffusion sampling (§6.5), the streaming σ-VAE decode and semantic re-encode (§3.3.4) and the
+    connectors (§6.3 step 7f). mx.compile fuses its hundreds of small ops; tests check it equals the eager path.
+    """
+
+    def __init__(self, model, steps: int, cfg_scale: float, dtype, compile: bool = True):
+        m = model.model
+        solver = DPMSolver()
+        # Computed on the host once, so that the traced function only reads the cached array.
+        m.prediction_head.timestep_embeddings(solver.timesteps(steps))
+
+        def step(pos_h, neg_h, noise, dec_state, sem_state):
+            z = sample_latent(m.prediction_head, pos_h, neg_h, noise, steps, cfg_scale, solver)
+            latent = model.unscale_latents(z)[:, None, :].astype(dtype)
+            audio, dec_state = m.acoustic_tokenizer.decoder.stream(latent, dec_state)
+            sem, sem_state = m.semantic_tokenizer.encoder.stream(audio, sem_state)
+            x = m.acoustic_connector(z[:, None, :].astype(dtype)) + m.semantic_connector(sem.astype(dtype))
+            return z, audio, x, dec_state, sem_state
+
+        self.key = (id(model), steps, cfg_scale, dtype, compile)
+        self.fn = mx.compile(step) if compile else step
+
+    @classmethod
+    def for_model(cls, model, steps, cfg_scale, dtype, compile=True) -> "FrameStep":
+        """One per model and settings, kept on the model so that compilation happens once."""
+        cache = model.__dict__.setdefault("_frame_steps", {})
+        key = (steps, cfg_scale, dtype, compile)
+        if key not in cache:
+            cache[key] = cls(model, steps, cfg_scale, dtype, compile)
+        return cache[key]
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+
 def generate_segment(
     model,
     input_ids: List[int],
@@ -187,8 +226,8 @@ def generate_segment(
     lm = m.language_model
     allowed = tokens.control_ids
     head_rows = model.head_rows(allowed)
-    solver = DPMSolver()
-    dtype = lm.embed_tokens.weight.dtype if hasattr(lm.embed_tokens, "weight") else mx.float32
+    dtype = lm.embed_tokens.weight.dtype
+    frame_step = FrameStep.for_model(model, config.steps, config.cfg_scale, dtype, config.compile)
 
     prompt_len = len(input_ids)
     max_pos = model.config.decoder_config.get("max_position_embeddings", 32768)
@@ -222,11 +261,7 @@ def generate_segment(
             yield token, None
             return
         if token == tokens.speech_diffusion:
-            z = sample_latent(m.prediction_head, pos_h, neg_h, noise.next(), config.steps, config.cfg_scale, solver)
-            latent = model.unscale_latents(z)[:, None, :].astype(dtype)
-            audio, dec_state = m.acoustic_tokenizer.decoder.stream(latent, dec_state)
-            sem, sem_state = m.semantic_tokenizer.encoder.stream(audio, sem_state)
-            x = m.acoustic_connector(z[:, None, :].astype(dtype)) + m.semantic_connector(sem.astype(dtype))
+            _, audio, x, dec_state, sem_state = frame_step(pos_h, neg_h, noise.next(), dec_state, sem_state)
             frames += 1
             mx.eval(x, audio)
             yield token, np.array(audio[0, :, 0].astype(mx.float32))
