@@ -96,3 +96,21 @@ def test_say_converts_a_hub_checkpoint_once_and_reuses_it(tiny, tmp_path, monkey
     converted = list((tmp_path / "vv-cache" / "models").iterdir())
     assert [p.name for p in converted] == ["someone--VibeVoice-tiny-hf--float16"]
     assert (tmp_path / "a.wav").read_bytes() == (tmp_path / "b.wav").read_bytes()
+
+
+def test_untied_head_keeps_only_the_control_rows(tmp_path):
+    """7B-like (untied lm_head): the pipeline keeps the 4 scored rows and drops the matrix, same logits."""
+    from vibevoice_mlx.fixtures import build
+
+    folders = build(tmp_path / "untied", "tiny", layouts=("original",), tie=False)
+    full, _ = load_model(folders["original"], dtype="float32")
+    ids = (257, 258, 259, 256)
+    want = np.array(full.head_rows(ids))
+    pipe = vv.load(folders["original"], tokenizer=folders["tokenizer"], dtype="float32")
+    assert "lm_head" not in pipe.model
+    np.testing.assert_array_equal(np.array(pipe.model.head_rows(pipe.tokens.control_ids)), want)
+    with pytest.raises(ValueError, match="kept"):
+        pipe.model.head_rows((1, 2))
+    r = vv.generate(pipe, "Speaker 1: Hi.", sampler=lambda logits, ids_: ids_[2],
+                    max_seconds=2 * 16 / 24000)
+    assert r.frames == 2

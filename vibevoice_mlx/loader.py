@@ -223,6 +223,8 @@ def load(
         model, folder = load_model(folder, dtype=dtype)
     tok = load_tokenizer(folder, tokenizer)
     tokens = SpecialTokens.from_tokenizer(tok, config.token_ids)
+    if backend == "mlx":
+        model.keep_head_rows(tokens.control_ids)
     return VibeVoice(model=model, tokenizer=tok, tokens=tokens, backend=backend, folder=folder, config=config)
 
 
