@@ -285,3 +285,18 @@ def test_sample_uses_injected_noise(tokenizers):
     got = acoustic.sample(mean, std, noise)
     want = np.array(mean) + 0.625 * np.array(std)[:, None, None] * np.array(noise)
     assert_close("sample", got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("length", [16 * 7, 16 * 7 + 5, 16 * 9 + 15, 33])
+def test_chunked_encode_equals_one_pass(length):
+    """Long voices are encoded in chunks for bounded memory; the result is the one-pass result."""
+    from vibevoice_mlx.fixtures import tiny_config
+
+    cfg = TokenizerConfig.from_dict(tiny_config()["acoustic_tokenizer_config"])
+    mx.random.seed(7)
+    enc = AcousticTokenizer(cfg).encoder
+    x = mx.random.normal((2, length, 1))
+    whole = enc(x, chunk_frames=None)
+    chunked = enc(x, chunk_frames=2)
+    assert chunked.shape == whole.shape == (2, -(-length // 16), cfg.vae_dim)
+    np.testing.assert_allclose(np.array(chunked), np.array(whole), atol=1e-5, rtol=1e-5)

@@ -104,8 +104,14 @@ class CausalConv1d(nn.Module):
         """Zero streaming state: the last `pad_left` inputs, [B, pad_left, C_in]."""
         return mx.zeros((batch, self.pad_left, self.in_channels), dtype=dtype)
 
-    def step(self, x: mx.array, state: mx.array):
-        """Streaming step: `x` [B, T, C_in] with T a multiple of the stride -> (y [B, T / stride, C_out], state)."""
+    def step(self, x: mx.array, state: mx.array, final: bool = False):
+        """Streaming step: `x` [B, T, C_in] with T a multiple of the stride -> (y [B, T / stride, C_out], state).
+
+        `final=True` ends the stream as the one-shot call ends the input: zeros pad T up to a multiple of the
+        stride, so a last partial frame comes out as in the original (`extra_padding` depends on L mod s only).
+        """
+        if final and x.shape[1] % self.stride:
+            x = mx.pad(x, [(0, 0), (0, -x.shape[1] % self.stride), (0, 0)])
         x = mx.concatenate([state, x], axis=1)
         return self._conv(x), x[:, x.shape[1] - self.pad_left :]
 
