@@ -168,9 +168,10 @@ def _run_say(script, model, voices, save_voices, out, steps, cfg_scale, seed, te
                     writer.write(r.audio)
                     if player is not None:
                         player.write(r.audio.reshape(-1, 1))
+                    bar.set_postfix_str(f"{r.audio_seconds:.1f} s audio, {r.real_time_factor:.2f}x real time",
+                                        refresh=False)
                     if not r.is_pause:
                         bar.update(1)
-                bar.set_postfix_str(f"{r.audio_seconds:.1f} s audio, {r.real_time_factor:.2f}x real time")
                 last = r
     except ValueError as e:
         if writer is not None and writer.frames == 0:
