@@ -1,7 +1,7 @@
 """Seeded random VibeVoice checkpoints in both layouts, for tests, parity and benchmarks.
 
-    python -m vibevoice_mlx.fixtures --size tiny --out /tmp/vv-tiny
-    python -m vibevoice_mlx.fixtures --size 1.5b --dtype bfloat16 --layouts original --out /tmp/vv-1.5b
+    python -m vibevoice_mlx.fixtures --size tiny --out vv-tiny
+    python -m vibevoice_mlx.fixtures --size 1.5b --dtype bfloat16 --layouts original --out vv-1.5b
 
 Writes `<out>/original` (Microsoft layout: config with `decoder_config`, original key names) and
 `<out>/transformers` (the 5.x layout, as `save_pretrained` writes it) with the same weights, plus `<out>/tokenizer`
