@@ -108,3 +108,12 @@ def test_compiled_frames_equal_eager_frames(pipe):
                                      sampler=frames_then_stop(6))
     assert runs[True].frames == runs[False].frames == 6
     np.testing.assert_allclose(runs[True].audio, runs[False].audio, atol=1e-5 * np.abs(runs[False].audio).max())
+
+
+def test_voice_noise_is_the_seeded_sigma_vae_sampling(pipe):
+    """On by default as in the original (§3.3.5): it changes the output, and the seed fixes it."""
+    voice = [np.random.default_rng(8).standard_normal(64).astype(np.float32)]
+    run = lambda **k: vv.generate(pipe, "Speaker 1: Hi.", voices=voice, sampler=frames_then_stop(3), seed=5, **k)  # noqa: E731
+    a, b, off = run(), run(), run(voice_noise=False)
+    np.testing.assert_array_equal(a.audio, b.audio)
+    assert not np.allclose(a.audio, off.audio)

@@ -141,21 +141,18 @@ def encode_voices(model, voices: List[np.ndarray], voice_noise: bool, key: mx.ar
         batch = np.zeros((len(fresh), longest, 1), np.float32)
         for row, i in enumerate(fresh):
             batch[row, : len(voices[i]), 0] = voices[i]
-        dtype = tok.encoder.head.conv.conv.weight.dtype
-        mean = tok.encoder(mx.array(batch).astype(dtype)).astype(mx.float32)
+        mean = tok.encoder(mx.array(batch))
         for row, i in enumerate(fresh):
             out[i] = mean[row, : math.ceil(len(voices[i]) / hop)]
     for i, v in enumerate(voices):
         if v.ndim == 2:
             out[i] = mx.array(v.astype(np.float32))
-    std = model.config.acoustic_tokenizer_config.fix_std / 0.8
     latents = []
     for z in out:
-        if voice_noise and std > 0:
-            # σ-VAE sampling: one scale per clip drawn from N(0, std), then per-value Gaussian noise.
+        if voice_noise and tok.vae_std > 0:
+            # σ-VAE sampling: one noise scale per clip, then per-value Gaussian noise.
             key, k1, k2 = mx.random.split(key, 3)
-            sigma = mx.random.normal((), key=k1) * std
-            z = z + sigma * mx.random.normal(z.shape, key=k2)
+            z = tok.sample(z[None], mx.random.normal((1,), key=k1), mx.random.normal((1, *z.shape), key=k2))[0]
         latents.append(model.scale_latents(z))
     return latents
 
@@ -470,7 +467,5 @@ def voice_latents(pipe, audio: np.ndarray) -> np.ndarray:
     """
     if pipe.backend != "mlx":
         raise ValueError("Saving voices needs the MLX backend (backend='mlx').")
-    enc = pipe.model.model.acoustic_tokenizer.encoder
-    dtype = enc.head.conv.conv.weight.dtype
-    mean = enc(mx.array(audio.astype(np.float32))[None, :, None].astype(dtype))
-    return np.array(mean[0].astype(mx.float32))
+    mean = pipe.model.model.acoustic_tokenizer.encoder(mx.array(audio.astype(np.float32))[None, :, None])
+    return np.array(mean[0])
