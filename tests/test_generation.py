@@ -117,3 +117,18 @@ def test_voice_noise_is_the_seeded_sigma_vae_sampling(pipe):
     a, b, off = run(), run(), run(voice_noise=False)
     np.testing.assert_array_equal(a.audio, b.audio)
     assert not np.allclose(a.audio, off.audio)
+
+
+@pytest.mark.parametrize("where", ["model.language_model.norm.weight",
+                                   "model.acoustic_tokenizer.decoder.head.conv.conv.bias"])
+def test_overflow_is_a_clear_error_not_garbage_audio(tiny, where):
+    import mlx.core as mx
+
+    from vibevoice_mlx.generation import NumericsError
+
+    pipe = vv.load(tiny["original"], tokenizer=tiny["tokenizer"])
+    params = dict(__import__("mlx.utils", fromlist=["tree_flatten"]).tree_flatten(pipe.model.parameters()))
+    pipe.model.load_weights([(where, mx.full(params[where].shape, float("inf"), params[where].dtype))],
+                            strict=False)
+    with pytest.raises(NumericsError, match="bfloat16"):
+        vv.generate(pipe, "Speaker 1: Hi.", sampler=frames_then_stop(2), compile=False)

@@ -27,6 +27,14 @@ Sampler = Callable[[mx.array, Sequence[int]], int]
 Noise = Union[Callable[[int, tuple], mx.array], np.ndarray, mx.array, None]
 
 
+class NumericsError(ValueError):
+    """Inf or NaN during generation: in float16, an activation overflowed (architecture.md §8)."""
+
+    def __init__(self, what: str):
+        super().__init__(f"{what}: a float16 overflow is the likely cause; run again with --dtype bfloat16 "
+                         "(dtype='bfloat16') or float32.")
+
+
 @dataclass
 class GenerationConfig:
     """Generation defaults in one place (the original demos: 10 steps, cfg 1.3, greedy)."""
@@ -248,6 +256,8 @@ def generate_segment(
         h = backbone.forward(lm, mx.concatenate([x, x]).astype(dtype), cfg)
         pos_h, neg_h = h[0:1, -1], h[1:2, -1]
         logits = pos_h.astype(mx.float32) @ head_rows.T
+        if not mx.all(mx.isfinite(logits)).item():
+            raise NumericsError(f"non-finite language-model output at step {step} ({dtype})")
         token = sampler(logits[0], allowed)
         if token not in allowed:
             raise ValueError(f"sampler returned token {token}, not one of the control tokens {allowed}")
@@ -261,7 +271,10 @@ def generate_segment(
             _, audio, x, dec_state, sem_state = frame_step(pos_h, neg_h, noise.next(), dec_state, sem_state)
             frames += 1
             mx.eval(x, audio)
-            yield token, np.array(audio[0, :, 0].astype(mx.float32))
+            chunk = np.array(audio[0, :, 0].astype(mx.float32))
+            if not np.isfinite(chunk).all():
+                raise NumericsError(f"non-finite audio in frame {frames} ({dtype})")
+            yield token, chunk
             continue
         # No frame on this step: the negative branch would not have run.
         cfg.drop_negative()
