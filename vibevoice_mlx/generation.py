@@ -333,8 +333,6 @@ def stream_generate(
         return
     items = parse_script(script)
     speakers = script_speakers(items)
-    if len(speakers) > 4:
-        logger.warning("The script has %d speakers; VibeVoice was trained with up to 4.", len(speakers))
     voice_arrays = _prepare_voices(pipe, voices)
     if not voice_arrays:
         logger.warning("No voice given: the model picks the voices itself.")
