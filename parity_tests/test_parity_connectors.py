@@ -33,7 +33,7 @@ def test_connector(pair, ours, theirs, d_in):
 def test_latent_scaling_round_trip(pair):
     ref, model = pair
     z = np.random.default_rng(1).standard_normal((4, 8)).astype(np.float32)
-    scale, bias = float(ref.model.latent_scaling_factor), float(ref.model.latent_bias_factor)
+    scale, bias = ref.model.latent_scaling_factor.item(), ref.model.latent_bias_factor.item()
     assert scale != 1.0 and bias != 0.0, "fixture scalars are trivial: the test would prove nothing"
     got = model.scale_latents(mx.array(z))
     assert_close("latent scaling", got, (z + bias) * scale, atol=1e-6)

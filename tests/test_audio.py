@@ -1,6 +1,7 @@
 """Voice loading (resampling, mono, -25 dBFS), streaming output files that survive a kill, saved voices."""
 
 import os
+from pathlib import Path
 import signal
 import subprocess
 import sys
@@ -174,7 +175,8 @@ def test_killed_writer_leaves_valid_file(tmp_path, ext):
     assert sr == SR and len(y) == len(want)
     assert np.abs(y - want).max() <= 1 / 32768
     # The RIFF header itself holds the right sizes, not just what libsndfile tolerates.
-    assert os.path.getsize(valid) == int.from_bytes(open(valid, "rb").read()[4:8], "little") + 8
+    riff_size = int.from_bytes(Path(valid).read_bytes()[4:8], "little")
+    assert os.path.getsize(valid) == riff_size + 8
     if ext == "wav":
         with wave.open(str(valid)) as wf:
             assert wf.getnframes() == len(want)
