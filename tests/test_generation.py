@@ -132,3 +132,13 @@ def test_overflow_is_a_clear_error_not_garbage_audio(tiny, where):
                             strict=False)
     with pytest.raises(NumericsError, match="bfloat16"):
         vv.generate(pipe, "Speaker 1: Hi.", sampler=frames_then_stop(2), compile=False)
+
+
+def test_length_rule_cuts_one_part_and_the_next_part_still_runs(pipe, caplog):
+    """The length rule is per prompt: a part that never stops is cut, and the script goes on after it."""
+    never_stops = lambda logits, ids: ids[0]  # speech_start forever: no frame, no eos  # noqa: E731
+    with caplog.at_level(logging.WARNING):
+        r = vv.generate(pipe, "Speaker 1: Hi. [pause:100ms] Speaker 1: Bye.", sampler=never_stops)
+    assert r.truncated and r.tokens[0] and r.tokens[2]  # both parts ran (index 1 is the pause)
+    assert any("part 1" in m for m in caplog.messages) and any("part 3" in m for m in caplog.messages)
+    assert len(r.audio) == 2400  # no frame in either part; the 100 ms pause is still there

@@ -227,3 +227,12 @@ def test_play_streams_each_chunk_to_the_audio_device(tiny, tmp_path, monkeypatch
     r = _say(tiny, "Speaker 1: Hello.", "-o", tmp_path / "p.wav", "--play")
     assert r.exit_code == 0, r.output
     assert played == [(16, 1)] * K + ["stop"]
+
+
+@pytest.mark.parametrize("ext", ["wav", "flac"])
+def test_no_audio_at_all_is_an_error_and_leaves_no_file(tiny, tmp_path, monkeypatch, ext):
+    monkeypatch.setattr(generation, "greedy", lambda logits, ids: ids[3])  # eos at once: no frame
+    out = tmp_path / f"empty.{ext}"
+    r = _say(tiny, "Speaker 1: Hello.", "-o", out)
+    assert r.exit_code != 0 and "no audio" in r.output and "Traceback" not in r.output
+    assert list(tmp_path.iterdir()) == []

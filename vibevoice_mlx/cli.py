@@ -182,6 +182,10 @@ def _run_say(script, model, voices, save_voices, out, steps, cfg_scale, seed, te
         if player is not None:
             player.stop()
             player.close()
+    if writer.frames == 0:
+        out.unlink(missing_ok=True)
+        raise UserError("The model produced no audio for this script (see the warnings above); nothing was "
+                        "written. Try another --seed, a voice sample, or rephrase the script.")
     if last is not None:
         click.echo(f"Wrote {out}: {last.audio_seconds:.2f} s of audio in {last.elapsed:.1f} s "
                    f"({last.real_time_factor:.2f}x real time, peak memory {last.peak_memory_gb:.2f} GB)", err=True)

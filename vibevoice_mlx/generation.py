@@ -226,7 +226,8 @@ def generate_segment(
     noise: NoiseSource,
     max_frames: Optional[int] = None,
 ) -> Iterator[tuple]:
-    """The frame loop for one prompt. Yields (token, audio chunk or None); the last item may be ("truncated", None)."""
+    """The frame loop for one prompt. Yields (token, audio chunk or None); the last item may be ("truncated", None)
+    when the length rule or `max_frames` stops the prompt before eos."""
     m = model.model
     lm = m.language_model
     allowed = tokens.control_ids
@@ -371,14 +372,17 @@ def stream_generate(
         for token, audio in generate_segment(model, prompt.input_ids, prompt.speech_input_mask, latents,
                                              pipe.tokens, config, sampler, noise_src, budget):
             if token == "truncated":
+                at_limit = max_frames is not None and frames >= max_frames
                 logger.warning(
-                    "Output cut short after %.1f s: %s. Raise max_seconds or split the script.",
-                    samples / SAMPLE_RATE,
-                    "the max_seconds limit" if budget is not None and frames >= max_frames
-                    else "the model's length rule (2x the prompt length, within its context)",
+                    "Output cut short after %.1f s: %s.", samples / SAMPLE_RATE,
+                    "the max_seconds limit; raise it to hear more" if at_limit else
+                    f"part {index + 1} reached the model's length rule (2x its prompt, within the context); "
+                    "split that part with [pause] tags",
                 )
-                yield response(np.zeros(0, np.float32), None, index, truncated=True, finished=True)
-                return
+                yield response(np.zeros(0, np.float32), None, index, truncated=True, finished=at_limit)
+                if at_limit:
+                    return
+                break  # the length rule is per prompt: the next part of the script gets its own
             if audio is not None:
                 frames += 1
                 samples += len(audio)
