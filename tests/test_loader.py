@@ -114,3 +114,15 @@ def test_untied_head_keeps_only_the_control_rows(tmp_path):
     r = vv.generate(pipe, "Speaker 1: Hi.", sampler=lambda logits, ids_: ids_[2],
                     max_seconds=2 * 16 / 24000)
     assert r.frames == 2
+
+
+def test_quantized_model_on_the_cpu_warns(tiny, tmp_path, caplog):
+    import logging
+
+    from vibevoice_mlx.convert.convert import convert
+
+    folder = convert(str(tiny["transformers"]), tmp_path / "q8", quantize=True, q_bits=8)
+    with caplog.at_level(logging.WARNING):
+        load_model(folder)
+    slow = any("quantized matmuls" in m for m in caplog.messages)
+    assert slow == (mx.default_device() != mx.gpu)

@@ -107,6 +107,11 @@ def load_model(
     if config.quantization:
         q = config.quantization
         nn.quantize(model, group_size=q["group_size"], bits=q["bits"], class_predicate=model.quant_predicate)
+        if mx.default_device() != mx.gpu:
+            # Measured here: a 4-bit 3584x18944 layer over 150 tokens takes 9.1 s on the CPU backend (float32:
+            # 0.12 s); quantization pays off on Apple GPUs, not on MLX's CPU backend.
+            logger.warning("%s has a %d-bit language model; MLX's CPU backend runs quantized matmuls very slowly. "
+                           "On a CPU, convert without -q instead.", folder, q["bits"])
     if layout != "mlx":
         weights = to_original(weights, layout)
     weights = model.sanitize(weights, layout)
