@@ -142,3 +142,12 @@ def test_length_rule_cuts_one_part_and_the_next_part_still_runs(pipe, caplog):
     assert r.truncated and r.tokens[0] and r.tokens[2]  # both parts ran (index 1 is the pause)
     assert any("part 1" in m for m in caplog.messages) and any("part 3" in m for m in caplog.messages)
     assert len(r.audio) == 2400  # no frame in either part; the 100 ms pause is still there
+
+
+def test_extra_voices_are_reported_and_not_used(pipe, caplog):
+    voices = [np.random.default_rng(i).standard_normal(48).astype(np.float32) for i in range(3)]
+    with caplog.at_level(logging.WARNING):
+        a = vv.generate(pipe, "Speaker 1: Hi.", voices=voices, sampler=frames_then_stop(2), seed=1)
+    b = vv.generate(pipe, "Speaker 1: Hi.", voices=voices[:1], sampler=frames_then_stop(2), seed=1)
+    assert any("3 voices for 1 speaker" in m for m in caplog.messages)
+    np.testing.assert_array_equal(a.audio, b.audio)

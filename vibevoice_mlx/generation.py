@@ -292,12 +292,20 @@ def generate_segment(
 # --- the public API over a loaded pipeline -----------------------------------------------------------------
 
 
-def _prepare_voices(pipe, voices) -> List[np.ndarray]:
-    """Voices as float32 arrays: 1-D normalized 24 kHz audio, or 2-D saved latents [frames, vae_dim]."""
+def _prepare_voices(pipe, voices, num_speakers: int) -> List[np.ndarray]:
+    """Voices as float32 arrays: 1-D normalized 24 kHz audio, or 2-D saved latents [frames, vae_dim].
+
+    As the original, voices are taken in order and cut to the number of speakers; extra ones are reported.
+    """
     from .audio import load_audio, load_voice, normalize_voice
 
+    voices = list(voices or [])
+    if len(voices) > num_speakers:
+        logger.warning("%d voices for %d speaker(s): the last %d are not used.", len(voices), num_speakers,
+                       len(voices) - num_speakers)
+        voices = voices[:num_speakers]
     out = []
-    for v in voices or []:
+    for v in voices:
         if isinstance(v, np.ndarray):
             out.append(normalize_voice(v.astype(np.float32)) if v.ndim == 1 else v.astype(np.float32))
         elif str(v).endswith(".safetensors"):
@@ -334,14 +342,14 @@ def stream_generate(
         return
     items = parse_script(script)
     speakers = script_speakers(items)
-    voice_arrays = _prepare_voices(pipe, voices)
+    voice_arrays = _prepare_voices(pipe, voices, len(speakers))
     if not voice_arrays:
         logger.warning("No voice given: the model picks the voices itself.")
     seed = config.seed if config.seed is not None else int(time.time() * 1e6) % (2**31)
     key = mx.random.key(seed)
     key, voice_key, noise_key, sample_key = mx.random.split(key, 4)
     model = pipe.model
-    latents = encode_voices(model, voice_arrays[: len(speakers)], config.voice_noise, voice_key)
+    latents = encode_voices(model, voice_arrays, config.voice_noise, voice_key)
     frames_per_voice = [int(z.shape[0]) for z in latents]
     sampler = sampler or make_sampler(config.temperature, config.top_p, sample_key)
     noise_src = NoiseSource(noise, noise_key, model.config.acoustic_vae_dim)
@@ -429,7 +437,7 @@ def _stream_torch(pipe, script, voices, config, sampler, noise):
 
     items = parse_script(script)
     speakers = script_speakers(items)
-    voice_arrays = _prepare_voices(pipe, voices)[: len(speakers)]
+    voice_arrays = _prepare_voices(pipe, voices, len(speakers))
     if any(v.ndim != 1 for v in voice_arrays):
         raise ValueError("Saved voices (.safetensors) need the MLX backend; give the audio file with --backend torch.")
     frames_per_voice = [math.ceil(len(v) / pipe.hop_length) for v in voice_arrays]
