@@ -6,7 +6,7 @@ the other direction to load an original checkpoint into transformers' VibeVoice.
 """
 
 import re
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, List, Tuple
 
 ORIGINAL = "original"
 TRANSFORMERS = "transformers"
@@ -103,12 +103,6 @@ def to_original(weights: Dict, layout: str) -> Dict:
     if layout != TRANSFORMERS:
         raise ValueError(f"Unknown checkpoint layout {layout!r}: expected 'original' or 'transformers'.")
     return {transformers_to_original(k): v for k, v in weights.items()}
-
-
-def rename_keys(keys: Iterable[str], layout: str) -> Dict[str, str]:
-    """Map source key -> original key for a layout."""
-    fn = (lambda k: k) if layout == ORIGINAL else transformers_to_original
-    return {k: fn(k) for k in keys}
 
 
 def mlx_transpose(key: str):

@@ -88,11 +88,6 @@ class CFGCache:
     def __len__(self):
         return len(self.layers)
 
-    @property
-    def negative_length(self) -> int:
-        c = self.layers[0]
-        return c._idx - int(c.left_padding[1].item())
-
     def drop_negative(self):
         """Forget the negative row's last entry (it becomes left padding)."""
         for c in self.layers:
@@ -104,8 +99,3 @@ class CFGCache:
         for c in self.layers:
             c.left_padding = mx.array([int(c.left_padding[0].item()), c._idx])
             c.offset = mx.array([int(c.offset[0].item()), 0])
-
-    @property
-    def arrays(self):
-        """The cache arrays, for mx.eval."""
-        return [(c.keys, c.values, c.offset, c.left_padding) for c in self.layers]

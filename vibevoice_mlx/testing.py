@@ -35,10 +35,6 @@ def to_numpy(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def max_abs_error(got, want) -> float:
-    return float(np.max(np.abs(to_numpy(got) - to_numpy(want)))) if np.size(to_numpy(want)) else 0.0
-
-
 def assert_close(name: str, got, want, atol: float, rtol: float = 0.0) -> float:
     """Assert |got - want| <= atol + rtol * |want| everywhere; report max abs/rel error and where.
 
