@@ -1,0 +1,182 @@
+"""The FastAPI app: routes, the API key, OpenAI-style errors, the playground page.
+
+`create_app(worker, config)` takes a started `Worker` (which owns the model) so that the app can be built in
+one process for tests and by `vibevoice-mlx serve` alike.
+"""
+
+import asyncio
+import logging
+import secrets
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .errors import APIError
+from .speech import speech
+from .voices import VoiceExistsError, VoiceNameError, VoiceNotFoundError, VoiceStore, check_name
+
+logger = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+
+
+@dataclass
+class ServerConfig:
+    model_id: str
+    voices_dir: Path
+    api_key: Optional[str] = None
+    max_input_chars: int = 4096
+    max_upload_bytes: int = 20 * 2**20
+    grace: float = 10.0  # seconds running streams get to finish on shutdown
+
+
+def _error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def _check_key(request: Request):
+    key = request.app.state.config.api_key
+    if not key:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), key.encode()):
+        raise APIError(401, "Invalid or missing API key: send the header 'Authorization: Bearer <key>'.",
+                       code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def create_app(worker, config: ServerConfig) -> FastAPI:
+    """The app over a started worker. The worker is stopped when the app shuts down."""
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        await asyncio.to_thread(worker.stop, 0.0)
+
+    app = FastAPI(title="vibevoice-mlx", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.worker, app.state.config = worker, config
+    app.state.voices = VoiceStore(config.voices_dir)
+    app.state.started = int(time.time())
+
+    @app.exception_handler(APIError)
+    async def api_error(request, exc: APIError):
+        return _error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return _error_response(APIError(exc.status_code, str(exc.detail), code=code, headers=exc.headers))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, exc: RequestValidationError):
+        err = exc.errors()[0] if exc.errors() else {}
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "path", "query")]
+        return _error_response(APIError(400, f"Invalid {'.'.join(loc) or 'request'}: {err.get('msg')}.",
+                                        param=loc[0] if loc else None, code="invalid_value"))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request, exc: Exception):
+        logger.exception("Unexpected error on %s %s", request.method, request.url.path)
+        return _error_response(APIError(500, f"Internal error ({type(exc).__name__}); the server log has the "
+                                             "details.", code="internal_error"))
+
+    auth = [Depends(_check_key)]
+
+    @app.get("/health")
+    async def health():
+        snap = worker.snapshot()
+        return {"status": "ok" if snap["accepting"] else "draining", "model": config.model_id,
+                "auth": bool(config.api_key), **snap}
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models():
+        return {"object": "list", "data": [{"id": config.model_id, "object": "model", "created": app.state.started,
+                                            "owned_by": "vibevoice-mlx"}]}
+
+    app.post("/v1/audio/speech", dependencies=auth)(speech)
+
+    @app.get("/v1/voices", dependencies=auth)
+    async def list_voices():
+        return {"object": "list", "data": await asyncio.to_thread(app.state.voices.list)}
+
+    @app.post("/v1/voices", dependencies=auth, status_code=201)
+    async def add_voice(request: Request):
+        return await _add_voice(request, worker, config, app.state.voices)
+
+    @app.delete("/v1/voices/{name}", dependencies=auth)
+    async def delete_voice(name: str):
+        try:
+            app.state.voices.delete(name)
+        except VoiceNameError as e:
+            raise APIError(400, str(e), param="name", code="invalid_value")
+        except VoiceNotFoundError as e:
+            raise APIError(404, str(e), param="name", code="voice_not_found")
+        return {"id": name, "object": "voice", "deleted": True}
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    # The page and its files are public (they hold no data); the API behind them asks for the key.
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+async def _add_voice(request: Request, worker, config: ServerConfig, store: VoiceStore):
+    """multipart/form-data: `name`, `file` (any audio libsndfile reads), optional `overwrite=true`."""
+    import vibevoice_mlx as vv
+
+    length = request.headers.get("content-length")
+    if length is None:
+        raise APIError(411, "Send the upload with a Content-Length.", code="length_required")
+    if not length.isdigit() or int(length) > config.max_upload_bytes:
+        raise APIError(413, f"The upload is larger than this server's limit of "
+                       f"{config.max_upload_bytes / 2**20:g} MB.", param="file", code="file_too_large")
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise APIError(415, "Upload a voice as multipart/form-data with fields 'name' and 'file'.",
+                       code="unsupported_media_type")
+    form = await request.form(max_files=1, max_fields=4)
+    try:
+        name, upload = form.get("name"), form.get("file")
+        if not isinstance(name, str):
+            raise APIError(400, "Missing the voice's 'name'.", param="name", code="missing_parameter")
+        try:
+            check_name(name)
+        except VoiceNameError as e:
+            raise APIError(400, str(e), param="name", code="invalid_value")
+        if not isinstance(upload, UploadFile):
+            raise APIError(400, "Missing the audio 'file'.", param="file", code="missing_parameter")
+        overwrite = str(form.get("overwrite", "")).lower() in ("1", "true", "yes")
+        if store.exists(name) and not overwrite:
+            raise APIError(409, f"A voice named {name!r} exists; delete it first or send overwrite=true.",
+                           param="name", code="voice_exists")
+        clip = store.temp_path(Path(upload.filename or "").suffix)
+        try:
+            await asyncio.to_thread(_copy, upload.file, clip)
+            # Encoding runs on the worker thread, the only one that touches the model.
+            future = worker.call(lambda pipe: store.add(
+                name, lambda target: vv.save_voice(pipe, str(clip), str(target), force=True), overwrite))
+            return await asyncio.wrap_future(future)
+        except VoiceExistsError as e:
+            raise APIError(409, str(e), param="name", code="voice_exists")
+        except ValueError as e:
+            message = str(e).splitlines()[0].replace(str(clip), repr(upload.filename or "the upload"))
+            raise APIError(400, message, param="file", code="invalid_audio")
+        finally:
+            clip.unlink(missing_ok=True)
+    finally:
+        await form.close()
+
+
+def _copy(src, dst: Path):
+    with open(dst, "wb") as out:
+        while block := src.read(1 << 20):
+            out.write(block)

@@ -1,0 +1,107 @@
+"""The `serve` command: load the model once, then run the app under uvicorn.
+
+Registered on the main CLI as `vibevoice-mlx serve`; `python -m vibevoice_mlx.server` runs the same command.
+On SIGTERM or Ctrl-C the server stops accepting connections, refuses what is queued, gives running streams
+`--grace` seconds to finish and then ends them cleanly (a complete file, or SSE's done event).
+"""
+
+import logging
+import os
+from pathlib import Path
+
+import click
+
+logger = logging.getLogger(__name__)
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def default_voices_dir() -> Path:
+    root = os.environ.get("VIBEVOICE_MLX_CACHE", Path.home() / ".cache" / "vibevoice-mlx")
+    return Path(root) / "voices"
+
+
+def force_frames(logits, token_ids):
+    """A testing aid: always choose speech_diffusion (a random test model rarely does on its own)."""
+    return token_ids[2]
+
+
+def model_id(model: str) -> str:
+    path = Path(model).expanduser()
+    return path.resolve().name if path.exists() else model
+
+
+@click.command()
+@click.option("-m", "--model", required=True, help="Converted MLX folder, PyTorch checkpoint folder or hub id.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; only this machine by default.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--voices-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder of saved voices (default: ~/.cache/vibevoice-mlx/voices, or $VIBEVOICE_MLX_CACHE/voices).")
+@click.option("--api-key", envvar="VIBEVOICE_MLX_API_KEY", show_envvar=True,
+              help="Require 'Authorization: Bearer <key>' on every route but /health and the page.")
+@click.option("--max-queue", default=16, show_default=True, type=click.IntRange(1),
+              help="Requests that may wait; beyond, 503 with Retry-After.")
+@click.option("--max-batch", default=4, show_default=True, type=click.IntRange(1),
+              help="Requests generated together in one batch.")
+@click.option("--max-input-chars", default=4096, show_default=True, type=click.IntRange(1),
+              help="Longest 'input' accepted (OpenAI's limit by default).")
+@click.option("--max-upload-mb", default=20.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Largest voice upload.")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]),
+              help="Compute dtype (default: float16 on a GPU, float32 on the CPU).")
+@click.option("--tokenizer", help="Tokenizer folder or repo id, when the model folder has none.")
+@click.option("--grace", default=10.0, show_default=True, type=click.FloatRange(0),
+              help="Seconds running streams get to finish on shutdown.")
+@click.option("--force-frames", is_flag=True, hidden=True,
+              help="Testing aid: always generate speech frames (for random test models).")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+def serve(model, host, port, voices_dir, api_key, max_queue, max_batch, max_input_chars, max_upload_mb, dtype,
+          tokenizer, grace, force_frames, log_level):
+    """Serve the OpenAI speech API (POST /v1/audio/speech), saved voices and a playground page at /."""
+    try:
+        import uvicorn
+
+        from .app import ServerConfig, create_app
+        from .worker import Worker
+    except ImportError as e:
+        raise click.ClickException(f"The server needs its extra ({e.name} is missing): "
+                                   "pip install 'vibevoice-mlx[server]'")
+    import vibevoice_mlx as vv
+
+    logging.getLogger("vibevoice_mlx").setLevel(log_level.upper())
+    if host not in LOOPBACK and not api_key:
+        logger.warning("Serving on %s without --api-key: anyone who can reach this address can use it.", host)
+    worker = Worker(lambda: vv.load(model, backend="mlx", dtype=dtype, tokenizer=tokenizer),
+                    max_queue=max_queue, max_batch=max_batch, sampler=force_frames_sampler(force_frames))
+    try:
+        worker.start()
+    except (ValueError, OSError) as e:  # the loader's errors (LoadError is a ValueError) and missing files
+        raise click.ClickException(str(e))
+    config = ServerConfig(model_id=model_id(model), voices_dir=voices_dir or default_voices_dir(), api_key=api_key,
+                          max_input_chars=max_input_chars, max_upload_bytes=int(max_upload_mb * 2**20), grace=grace)
+    app = create_app(worker, config)
+    server = draining_server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                           timeout_graceful_shutdown=grace + 5), worker, grace)
+    logger.info("Voices in %s; playground at http://%s:%d/", config.voices_dir, host, port)
+    server.run()
+
+
+def force_frames_sampler(enabled: bool):
+    if enabled:
+        logger.warning("--force-frames: every step is a speech frame (a testing aid for random models).")
+        return force_frames
+    return None
+
+
+def draining_server(config, worker, grace):
+    """uvicorn's Server that, on the first signal, also drains the worker: uvicorn waits for open streams before
+    it runs the app's shutdown, so the worker must be told at the signal for those streams to end."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            worker.drain(grace)
+            super().handle_exit(sig, frame)
+
+    return DrainingServer(config)
