@@ -13,6 +13,8 @@ import subprocess
 import sys
 from typing import Dict, List, Optional
 
+from . import blas
+
 GB = 1024**3
 
 # Runtime dependencies (import name, distribution, requirement as pyproject.toml pins it).
@@ -25,9 +27,6 @@ _CORE = [
     ("soxr", "soxr", "soxr>=0.5,<2"),
 ]
 _TORCH_FIX = "pip install 'vibevoice-mlx[torch]'"
-
-
-SLOW_BLAS_GFLOPS = 30.0
 
 
 def _version(dist: str) -> Optional[str]:
@@ -52,12 +51,16 @@ def system_memory_bytes() -> Optional[int]:
     return None
 
 
-def recommend(memory_gb: Optional[float]) -> Dict[str, str]:
-    """Which checkpoint and precision fit `memory_gb` of (unified) memory.
+def recommend(memory_gb: Optional[float], backend: Optional[str] = None) -> Dict[str, str]:
+    """Which checkpoint and precision fit `memory_gb` of (unified) memory on MLX's `backend`.
 
-    1.5B has 2.7B parameters (5.4 GB in float16), 7B has 9.3B (18.6 GB); an 8-bit language model brings 7B to
-    about 11 GB, a 4-bit one to about 7.5 GB. macOS lets the GPU wire roughly 70-75 % of unified memory.
+    1.5B has 2.7B parameters (5.4 GB in float16, 11 GB in float32), 7B has 9.3B (18.6 GB, 37 GB); an 8-bit
+    language model brings 7B to about 11 GB, a 4-bit one to about 7.5 GB. macOS lets the GPU wire roughly 70-75 %
+    of unified memory. On the CPU backend quantized matmuls are the slowest path (the loader warns about them)
+    and 16-bit ones skip BLAS, so there the advice is float32 without quantization.
     """
+    if backend == "CPU":
+        return _recommend_cpu(memory_gb)
     if memory_gb is None:
         return {"model": "VibeVoice-1.5B", "precision": "float16",
                 "why": "memory size unknown: start with the smaller model"}
@@ -70,6 +73,23 @@ def recommend(memory_gb: Optional[float]) -> Dict[str, str]:
                        "it needs 8 to 11 GB"}
     return {"model": "VibeVoice-7B", "precision": "float16",
             "why": f"{memory_gb:.0f} GB: 7B in float16 (about 19 GB) fits"}
+
+
+_CPU_WHY = ("MLX's CPU backend runs float32 matmuls on BLAS; 4/8-bit ones are its slowest path (a 4-bit 7B layer: "
+            "75x slower) and 16-bit ones about 2x slower, so convert without -q")
+
+
+def _recommend_cpu(memory_gb: Optional[float]) -> Dict[str, str]:
+    # Measured here: the 1.5B model in float32 peaks at 11.1 GB; 7B in float32 holds 37 GB of weights.
+    if memory_gb is not None and memory_gb >= 48:
+        return {"model": "VibeVoice-7B", "precision": "float32, not quantized",
+                "why": f"{memory_gb:.0f} GB: 7B in float32 (about 37 GB) fits; {_CPU_WHY}"}
+    if memory_gb is None or memory_gb >= 16:
+        size = "memory size unknown" if memory_gb is None else f"{memory_gb:.0f} GB"
+        return {"model": "VibeVoice-1.5B", "precision": "float32, not quantized",
+                "why": f"{size}: 1.5B in float32 needs about 11 GB, 7B about 37 GB; {_CPU_WHY}"}
+    return {"model": "VibeVoice-1.5B", "precision": "float16, not quantized (float32 does not fit)",
+            "why": f"{memory_gb:.0f} GB: 1.5B in float32 needs about 11 GB, in float16 about 6 GB; {_CPU_WHY}"}
 
 
 def _mlx_info() -> Dict:
@@ -87,22 +107,10 @@ def _mlx_info() -> Dict:
         info["backend"] = "CPU"
     info["device"] = str(mx.default_device())
     if info["backend"] == "CPU":
-        info["cpu_gflops"] = round(cpu_matmul_gflops(), 1)
+        # The BLAS it runs on decides generation speed there: which library, how it got in, GFLOP/s.
+        info["blas"] = blas.blas_report()
+        info["cpu_gflops"] = info["blas"]["gflops"]
     return info
-
-
-def cpu_matmul_gflops(n: int = 512, repeats: int = 3) -> float:
-    """float32 matmul speed of MLX's CPU backend: the BLAS it runs on decides generation speed there."""
-    import time
-
-    import mlx.core as mx
-
-    a = mx.random.normal((n, n), key=mx.random.key(0))
-    mx.eval(a @ a)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        mx.eval(a @ a)
-    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
 def _torch_info() -> Dict:
@@ -132,11 +140,11 @@ def _missing(plat: Dict, mlx: Dict, torch: Dict) -> List[Dict[str, str]]:
     elif plat["system"] == "Linux" and mlx["backend"] == "CPU" and shutil.which("nvidia-smi"):
         out.append({"what": "an NVIDIA GPU is present but MLX runs on the CPU",
                     "fix": "pip install 'vibevoice-mlx[cuda]'"})
-    if plat["system"] == "Linux" and mlx.get("cpu_gflops") is not None and mlx["cpu_gflops"] < SLOW_BLAS_GFLOPS:
-        # The mlx[cpu] wheel ships a reference BLAS (about 5 GFLOP/s here); OpenBLAS runs the same matmul ~50x faster.
-        out.append({"what": f"MLX's CPU matmuls run at {mlx['cpu_gflops']} GFLOP/s (the wheel's reference BLAS)",
-                    "fix": "apt-get install libopenblas0-pthread, then run with LD_PRELOAD="
-                           "/usr/lib/$(uname -m)-linux-gnu/openblas-pthread/libopenblas.so.0"})
+    b = mlx.get("blas")
+    if plat["system"] == "Linux" and b and not b["fast"] and b.get("fix"):
+        # The mlx[cpu] wheel ships a reference BLAS (1.5 to 6 GFLOP/s here); OpenBLAS is 10-60x faster.
+        out.append({"what": f"MLX's CPU matmuls run at {b['gflops']} GFLOP/s on the {b['name']}",
+                    "fix": b["fix"]})
     for module, dist, requirement in _CORE:
         if importlib.util.find_spec(module) is None:
             out.append({"what": f"{dist} is not installed", "fix": f"pip install '{requirement}'"})
@@ -167,7 +175,7 @@ def doctor_report(memory_bytes: Optional[int] = None) -> Dict:
         "memory": {"bytes": memory, "gb": None if memory_gb is None else round(memory_gb, 1),
                    "kind": "unified" if plat["system"] == "Darwin" and plat["machine"] == "arm64" else "system"},
         "torch": torch,
-        "recommendation": recommend(memory_gb),
+        "recommendation": recommend(memory_gb, mlx["backend"]),
         "missing": _missing(plat, mlx, torch),
     }
 
@@ -183,8 +191,11 @@ def format_report(report: Dict) -> str:
         lines.append(f"  not available: {m['error'] or 'not installed'}")
     else:
         lines.append(f"  {m['version']}, backend: {m['backend']} (default device {m['device']})")
-        if m.get("cpu_gflops") is not None:
-            lines.append(f"  CPU float32 matmul: {m['cpu_gflops']} GFLOP/s")
+        if m.get("blas"):
+            lines.append(f"  BLAS: {blas.describe(m['blas'])}")
+            if m["blas"]["fast"] and m["blas"].get("python_command") and m["blas"]["how"] != "LD_PRELOAD":
+                lines.append(f"  in Python programs: {m['blas']['python_command']}, "
+                             "or vibevoice_mlx.blas.use_fast_blas() before the first import of mlx")
     lines += ["Memory", f"  {mem['gb']} GB {mem['kind']}" if mem["gb"] is not None else "  unknown", "PyTorch"]
     if t["version"] is None:
         lines.append("  not installed")

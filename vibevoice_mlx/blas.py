@@ -1,0 +1,333 @@
+"""Which BLAS MLX's CPU backend runs on, and a fast one for it on Linux.
+
+The mlx[cpu] wheel links a reference BLAS of its own (`mlx_cpu.libs/libblas-<hash>.so.3`, found through an
+RPATH, so the system's `libblas.so.3` alternatives never reach it): 1.5 to 6 GFLOP/s for a float32 matmul.
+libmlx looks `cblas_sgemm` and the LAPACK routines up in the process's global scope first, so an OpenBLAS placed
+there before `import mlx.core` (LD_PRELOAD, or dlopen with RTLD_GLOBAL) runs every float32 matmul instead,
+10 to 60 times faster. The OpenBLAS wheels on PyPI (scipy-openblas32/64, numpy's copy) prefix their symbols
+(`scipy_cblas_sgemm`), so they cannot stand in: the library has to come from the system.
+
+    VIBEVOICE_MLX_BLAS=auto (default) | off | /path/to/libopenblas.so.0
+
+The `vibevoice-mlx` command loads a system OpenBLAS by itself (`maybe_reexec_with_fast_blas`); a Python program
+calls `use_fast_blas()` before its first `import mlx`, or runs under `LD_PRELOAD=<library>`.
+"""
+
+import ctypes
+import logging
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
+
+logger = logging.getLogger(__name__)
+
+ENV = "VIBEVOICE_MLX_BLAS"
+# Set in a re-executed process (to the library it preloads): a process that has it never re-executes again.
+GUARD_ENV = "VIBEVOICE_MLX_BLAS_REEXEC"
+APT_PACKAGE = "libopenblas0-pthread"
+# Only for a BLAS that cannot be named: here the reference one ran at 1.5 to 6 GFLOP/s, OpenBLAS at 16 to 320.
+SLOW_BLAS_GFLOPS = 20.0
+
+
+def openblas_paths(machine: Optional[str] = None) -> List[str]:
+    """Where the common distributions put a 32-bit-integer (LP64) OpenBLAS, the threaded build first."""
+    multiarch = f"/usr/lib/{machine or platform.machine()}-linux-gnu"
+    return [
+        f"{multiarch}/openblas-pthread/libopenblas.so.0",  # Debian, Ubuntu: libopenblas0-pthread
+        f"{multiarch}/libopenblas.so.0",  # Debian, Ubuntu: the alternative (pthread, openmp or serial build)
+        "/usr/lib64/libopenblasp.so.0",  # Fedora, RHEL: openblas-threads
+        "/usr/lib64/libopenblas.so.0",  # Fedora, openSUSE
+        "/usr/lib/libopenblas.so.0",  # Arch
+    ]
+
+
+def classify(path: str) -> str:
+    """A BLAS library's name from its path."""
+    low = path.lower()
+    if "scipy_openblas" in low:
+        return "OpenBLAS (scipy-openblas, prefixed symbols)"  # numpy's and scipy's copy: MLX cannot use it
+    if "openblas" in low:
+        return "OpenBLAS"
+    if "mkl" in low:
+        return "MKL"
+    if "blis" in low:
+        return "BLIS"
+    if "accelerate" in low or "veclib" in low:
+        return "Accelerate"
+    if "mlx_cpu.libs" in low:
+        return "reference BLAS (bundled with mlx[cpu])"
+    return "reference BLAS" if "/blas/" in low or "libblas" in low else os.path.basename(path)
+
+
+def is_reference(name: str) -> bool:
+    return name.startswith("reference BLAS")
+
+
+def parse_maps(text: str) -> List[str]:
+    """The BLAS and LAPACK libraries mapped into a process, from the text of its /proc/<pid>/maps, in order."""
+    out = []
+    for line in text.splitlines():
+        parts = line.split(None, 5)
+        if len(parts) < 6 or not parts[5].startswith("/"):
+            continue
+        path = parts[5].strip()
+        base = os.path.basename(path).lower()
+        if any(k in base for k in ("blas", "lapack", "mkl_rt", "blis")) and path not in out:
+            out.append(path)
+    return out
+
+
+def _read_maps(path: str = "/proc/self/maps") -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+class _DlInfo(ctypes.Structure):
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+
+def global_cblas_provider() -> Optional[str]:
+    """The library that defines `cblas_sgemm` in this process's global scope (what libmlx binds to when it is
+    loaded after it), or None when only libmlx's own, local BLAS has one."""
+    if sys.platform != "linux":
+        return None
+    try:
+        fn = ctypes.CDLL(None).cblas_sgemm
+    except (AttributeError, OSError):
+        return None
+    try:
+        dladdr = ctypes.CDLL(None).dladdr
+    except AttributeError:  # glibc before 2.34 keeps it in libdl
+        dladdr = ctypes.CDLL("libdl.so.2").dladdr
+    info = _DlInfo()
+    if not dladdr(ctypes.cast(fn, ctypes.c_void_p), ctypes.byref(info)) or not info.dli_fname:
+        return None
+    return os.fsdecode(info.dli_fname)
+
+
+def active_blas(maps: Optional[str] = None, provider: Optional[Callable[[], Optional[str]]] = None) -> Dict:
+    """Which BLAS MLX's float32 matmuls run on: {'name', 'path'}; `maps` and `provider` are for tests."""
+    if sys.platform == "darwin":
+        return {"name": "Accelerate", "path": None}
+    found = (provider or global_cblas_provider)()
+    if found:
+        return {"name": classify(found), "path": found}
+    mapped = parse_maps(_read_maps() if maps is None else maps)
+    # Mapped but prefixed (numpy's scipy_openblas) or LAPACK only: not what libmlx calls.
+    own = [p for p in mapped if "lapack" not in os.path.basename(p).lower() and "scipy_openblas" not in p]
+    if own:
+        return {"name": classify(own[0]), "path": own[0]}
+    return {"name": "unknown", "path": None}
+
+
+def check_library(path: str) -> Optional[str]:
+    """Why `path` cannot serve MLX's CBLAS calls, or None if it can: it must export `cblas_sgemm` with 32-bit
+    integers and compute a small product exactly. It is opened locally, so this changes nothing."""
+    try:
+        lib = ctypes.CDLL(path, mode=os.RTLD_LOCAL)
+    except OSError as err:
+        return f"cannot be loaded: {err}"
+    if not hasattr(lib, "cblas_sgemm"):
+        return "exports no cblas_sgemm (prefixed or not a CBLAS)"
+    if hasattr(lib, "openblas_get_config"):
+        lib.openblas_get_config.restype = ctypes.c_char_p
+        if b"USE64BITINT" in (lib.openblas_get_config() or b""):
+            return "is a 64-bit-integer (ILP64) build; MLX calls the 32-bit one"
+    f, i = ctypes.c_float, ctypes.c_int
+    sgemm = lib.cblas_sgemm
+    sgemm.restype = None
+    sgemm.argtypes = [i, i, i, i, i, i, f, ctypes.c_void_p, i, ctypes.c_void_p, i, f, ctypes.c_void_p, i]
+    a, b, c = (f * 6)(1, 2, 3, 4, 5, 6), (f * 6)(7, 8, 9, 10, 11, 12), (f * 4)()
+    sgemm(101, 111, 111, 2, 2, 3, 1.0, a, 3, b, 2, 0.0, c, 2)  # row-major (2x3)(3x2), no transposes
+    return None if list(c) == [58.0, 64.0, 139.0, 154.0] else f"computes a wrong product {list(c)}"
+
+
+def find_system_openblas(paths: Optional[Sequence[str]] = None,
+                         exists: Callable[[str], bool] = os.path.exists) -> Optional[str]:
+    """The first OpenBLAS of `paths` (default: `openblas_paths()`) that exists on this machine."""
+    return next((p for p in (openblas_paths() if paths is None else paths) if exists(p)), None)
+
+
+def _setting(env: Mapping[str, str]) -> str:
+    return env.get(ENV, "").strip() or "auto"
+
+
+def _wanted_library(env: Mapping[str, str], find: Callable[[], Optional[str]]) -> Optional[str]:
+    setting = _setting(env)
+    return setting if setting not in ("auto", "off") else find()
+
+
+@dataclass
+class Plan:
+    action: str  # "none", "preload" (load it into this process now) or "reexec" (start again under LD_PRELOAD)
+    reason: str
+    library: Optional[str] = None
+
+
+def plan(argv: Sequence[str], env: Mapping[str, str], system: str, mlx_loaded: bool, active: Dict,
+         library: Optional[str]) -> Plan:
+    """What the CLI does about its BLAS. Pure: every fact about the process is an argument."""
+    if system != "Linux":
+        return Plan("none", f"{system}: MLX uses Accelerate or the GPU")
+    if _setting(env) == "off":
+        return Plan("none", f"{ENV}=off")
+    if not is_cli(argv):
+        return Plan("none", "not the vibevoice-mlx program: a host process keeps its libraries")
+    if active.get("path") and not is_reference(active["name"]) and active["name"] != "unknown":
+        return Plan("none", f"already runs on {active['name']} ({active['path']})")
+    if library is None:
+        return Plan("none", f"no OpenBLAS found (apt-get install {APT_PACKAGE})")
+    if not mlx_loaded:
+        return Plan("preload", "MLX is not imported yet", library)
+    if env.get(GUARD_ENV):
+        return Plan("none", f"re-executed once with {env[GUARD_ENV]} already; not again", library)
+    if any(ch in library for ch in ": "):
+        return Plan("none", f"{library!r} cannot go into LD_PRELOAD", library)
+    return Plan("reexec", "MLX was imported before its BLAS could be replaced", library)
+
+
+def is_cli(argv: Sequence[str]) -> bool:
+    """True for the `vibevoice-mlx` console script and `python -m vibevoice_mlx.cli`, not for a host such as
+    pytest or a program that calls `cli.main()`: only the program itself may swap a process's libraries."""
+    if not argv:
+        return False
+    name = argv[0].replace(os.sep, "/")
+    return os.path.basename(name) == "vibevoice-mlx" or name.endswith(("vibevoice_mlx/cli.py",
+                                                                       "vibevoice_mlx/__main__.py"))
+
+
+_loaded: Optional[str] = None  # what use_fast_blas put into the global scope
+
+
+def use_fast_blas(library: Optional[str] = None) -> Optional[str]:
+    """Load an OpenBLAS (default: `VIBEVOICE_MLX_BLAS` or the system's) into this process's global scope so that
+    MLX's float32 matmuls run on it; returns its path, or None when nothing was loaded (not Linux, turned off,
+    none found, unusable, or MLX already imported: then only LD_PRELOAD helps). Call it before `import mlx`."""
+    global _loaded
+    if sys.platform != "linux" or _setting(os.environ) == "off":
+        return None
+    if "mlx.core" in sys.modules:
+        logger.warning("use_fast_blas() was called after MLX was imported: MLX keeps its reference BLAS. "
+                       "Call it first, or run with LD_PRELOAD=%s", library or find_system_openblas())
+        return None
+    library = library or _wanted_library(os.environ, find_system_openblas)
+    if library is None:
+        return None
+    problem = check_library(library)
+    if problem:
+        logger.warning("Not using %s for MLX: it %s", library, problem)
+        return None
+    ctypes.CDLL(library, mode=os.RTLD_GLOBAL)  # promotes the locally opened library to the global scope
+    _loaded = global_cblas_provider() or library  # the path as the dynamic linker names it
+    logger.debug("MLX's BLAS: %s, loaded into the global scope", library)
+    return library
+
+
+def _without_preload(value: str, library: str) -> str:
+    return ":".join(p for p in value.replace(" ", ":").split(":") if p and p != library)
+
+
+def maybe_reexec_with_fast_blas(argv: Optional[Sequence[str]] = None) -> Plan:
+    """Give the `vibevoice-mlx` process a fast BLAS on Linux; call it first thing in the CLI.
+
+    Before `import mlx` this loads the OpenBLAS in place (no second process). If MLX is already imported, it
+    re-executes the same command once with the library in LD_PRELOAD; `VIBEVOICE_MLX_BLAS_REEXEC` guards against
+    a second time and `VIBEVOICE_MLX_BLAS=off` skips all of it. Does nothing in any other process (`argv`,
+    default `sys.argv`, tells). Returns what it decided; on a re-exec it does not return.
+    """
+    argv = sys.argv if argv is None else argv
+    env = os.environ
+    if env.get(GUARD_ENV) and env.get("LD_PRELOAD"):
+        # Re-executed: the library is in; children (the compiler of mx.compile, encoders) need not load it.
+        rest = _without_preload(env["LD_PRELOAD"], env[GUARD_ENV])
+        if rest:
+            env["LD_PRELOAD"] = rest
+        else:
+            del env["LD_PRELOAD"]
+    p = plan(argv, env, platform.system(), "mlx.core" in sys.modules, active_blas(),
+             _wanted_library(env, find_system_openblas))
+    if p.action == "preload" and use_fast_blas(p.library) is None:
+        p = Plan("none", f"{p.library} could not be used (see the warning)", p.library)
+    if p.action == "reexec" and (problem := check_library(p.library)):
+        p = Plan("none", f"{p.library} {problem}", p.library)
+    logger.debug("BLAS: %s (%s)", p.action, p.reason)
+    if p.action == "reexec":
+        new_env = dict(env, **{GUARD_ENV: p.library,
+                               "LD_PRELOAD": ":".join(filter(None, [p.library, env.get("LD_PRELOAD")]))})
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], new_env)
+    return p
+
+
+def matmul_gflops(n: int = 512, repeats: int = 3) -> float:
+    """float32 matmul speed of MLX on the CPU: the BLAS it runs on decides generation speed there."""
+    import mlx.core as mx
+
+    a = mx.random.normal((n, n), key=mx.random.key(0))
+    mx.eval(mx.matmul(a, a, stream=mx.cpu))
+    start = time.perf_counter()
+    for _ in range(repeats):
+        mx.eval(mx.matmul(a, a, stream=mx.cpu))
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def _openblas_config(path: str) -> Optional[str]:
+    try:
+        lib = ctypes.CDLL(path)
+        lib.openblas_get_config.restype = ctypes.c_char_p
+        return lib.openblas_get_config().decode()
+    except (OSError, AttributeError):
+        return None
+
+
+def python_command(library: Optional[str]) -> str:
+    """How a Python program gets the fast BLAS (the command `doctor` prints)."""
+    return f"LD_PRELOAD={library or openblas_paths()[0]} python your_script.py"
+
+
+def blas_report(measure: bool = True) -> Dict:
+    """Which BLAS MLX runs on in this process: name, path, how it got there, its config and measured GFLOP/s,
+    whether it is fast, the system OpenBLAS, and the fix when it is slow."""
+    import mlx.core  # noqa: F401  (libmlx must be loaded for the maps to show its BLAS)
+
+    active = active_blas()
+    path = active["path"]
+    preload = (os.environ.get("LD_PRELOAD", "") + ":" + os.environ.get(GUARD_ENV, "")).replace(" ", ":").split(":")
+    how = ("bundled with mlx[cpu]" if path and "mlx_cpu.libs" in path else
+           "loaded by vibevoice-mlx" if path and path == _loaded else
+           "LD_PRELOAD" if path and (path in preload or os.path.basename(path) in preload) else None)
+    gflops = round(matmul_gflops(), 1) if measure else None
+    if active["name"] == "unknown":
+        fast = gflops is not None and gflops >= SLOW_BLAS_GFLOPS
+    else:
+        fast = not is_reference(active["name"])
+    system = find_system_openblas() if sys.platform == "linux" else None
+    report = {"name": active["name"], "path": path, "how": how, "gflops": gflops, "fast": fast,
+              "config": _openblas_config(path) if path and "OpenBLAS" in active["name"] else None,
+              "setting": _setting(os.environ), "system_openblas": system, "fix": None}
+    if sys.platform == "linux":
+        report["python_command"] = python_command(system)
+        if not fast:
+            report["fix"] = (f"unset {ENV} (it is off)" if report["setting"] == "off" and system else
+                             f"{python_command(system)} (the vibevoice-mlx command loads it by itself)" if system
+                             else f"apt-get install {APT_PACKAGE}; the vibevoice-mlx command then loads it by "
+                                  f"itself, a Python program runs as {python_command(None)}")
+    return report
+
+
+def describe(report: Optional[Dict] = None) -> str:
+    """One line on the BLAS MLX runs on, for `bench` and logs."""
+    r = blas_report() if report is None else report
+    how = r["how"] if r["how"] and r["how"] not in r["name"] else None
+    where = ", ".join(filter(None, [r["path"], how]))
+    speed = f", {r['gflops']} GFLOP/s float32" if r.get("gflops") is not None else ""
+    name = " ".join(r["config"].split()[:2]) if r.get("config") else r["name"]  # "OpenBLAS 0.3.21"
+    return name + (f" ({where})" if where else "") + speed
