@@ -26,7 +26,8 @@ class VoiceRef(BaseModel):
 
 class SpeechRequest(BaseModel):
     """OpenAI's speech request; `voices`, `steps`, `cfg_scale`, `seed`, `temperature`, `top_p` and
-    `max_seconds` are VibeVoice's (the `say` options of the same names). Unknown fields are refused."""
+    `max_seconds` are VibeVoice's (the `say` options of the same names). Unknown fields are refused.
+    Defaults are the library's (`vv.GenerationConfig`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -38,8 +39,9 @@ class SpeechRequest(BaseModel):
     response_format: str = "mp3"
     speed: Optional[float] = None
     stream_format: Literal["audio", "sse"] = "audio"
-    steps: int = Field(_DEFAULTS.steps, ge=1, le=100)
-    cfg_scale: float = Field(_DEFAULTS.cfg_scale, ge=0, le=100)
+    # None: the model's own defaults (its generation_config.json, else the library's).
+    steps: Optional[int] = Field(None, ge=1, le=100)
+    cfg_scale: Optional[float] = Field(None, ge=0, le=100)
     seed: Optional[int] = Field(None, ge=0, le=2**64 - 1)
     temperature: float = Field(_DEFAULTS.temperature, ge=0, le=100)
     top_p: float = Field(_DEFAULTS.top_p, gt=0, le=1)

@@ -120,6 +120,8 @@ async def speech(request: Request):
         except RuntimeError:  # the loop is closed: the server is gone
             pass
 
+    tokenizer = getattr(worker.pipe, "tokenizer", None)  # for SSE's usage figures only
+    input_tokens = len(tokenizer.encode(req.input)) if tokenizer is not None and req.stream_format == "sse" else 0
     job = Job(script=req.input, emit=emit, voices=voices, steps=req.steps, cfg_scale=req.cfg_scale, seed=seed,
               temperature=req.temperature, top_p=req.top_p, max_seconds=req.max_seconds)
     worker.submit(job)
@@ -137,12 +139,16 @@ async def speech(request: Request):
                        "rephrase the script.", param="input", code="no_audio")
 
     sample_rate = getattr(worker.pipe, "sample_rate", 24000)
+    encoder = make_encoder(req.response_format, sample_rate)
     headers = {"X-VibeVoice-Seed": str(seed), "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
-    stream = _sse_stream if req.stream_format == "sse" else _audio_stream
-    media_type = "text/event-stream" if req.stream_format == "sse" else MEDIA_TYPES[req.response_format]
     if req.response_format == "pcm":
         headers["X-Sample-Rate"] = str(sample_rate)
-    body_iter = stream(request, first, events, job, worker, make_encoder(req.response_format, sample_rate))
+    if req.stream_format == "sse":
+        body_iter = _sse_stream(request, first, events, job, worker, encoder, input_tokens)
+        media_type = "text/event-stream"
+    else:
+        body_iter = _audio_stream(request, first, events, job, worker, encoder)
+        media_type = MEDIA_TYPES[req.response_format]
     return StreamingResponse(body_iter, media_type=media_type, headers=headers)
 
 
@@ -176,7 +182,7 @@ async def _audio_stream(request, first, events, job, worker, encoder):
             yield data
 
 
-async def _sse_stream(request, first, events, job, worker, encoder):
+async def _sse_stream(request, first, events, job, worker, encoder, input_tokens):
     async for kind, payload in _events(request, first, events, job, worker):
         if kind == "error":
             yield _sse({"type": "error", "error": payload.body()["error"]})
@@ -185,8 +191,9 @@ async def _sse_stream(request, first, events, job, worker, encoder):
         if data:
             yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
         if kind == "end":
-            frames = payload["frames"]
+            frames = payload["frames"]  # a speech frame is one output token (speech_diffusion)
             yield _sse({"type": "speech.audio.done",
-                        "usage": {"input_tokens": 0, "output_tokens": frames, "total_tokens": frames},
+                        "usage": {"input_tokens": input_tokens, "output_tokens": frames,
+                                  "total_tokens": input_tokens + frames},
                         "audio_seconds": round(encoder.samples / encoder.sample_rate, 3),
                         "truncated": payload["truncated"], "seed": job.seed})

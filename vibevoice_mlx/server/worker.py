@@ -42,8 +42,8 @@ class Job:
     script: str
     emit: Callable[[str, object], None]
     voices: List = field(default_factory=list)
-    steps: int = 10
-    cfg_scale: float = 1.3
+    steps: Optional[int] = None  # None: the model's default
+    cfg_scale: Optional[float] = None
     seed: int = 0
     temperature: float = 0.0
     top_p: float = 1.0
@@ -236,10 +236,12 @@ class Worker:
         for job in batch:
             job.started = start
         self.counts["batches"] += 1
-        logger.info("Generating a batch of %d (steps %d, cfg %.2f)", len(batch), *batch[0].group)
-        options = dict(steps=batch[0].steps, cfg_scale=batch[0].cfg_scale, seed=[j.seed for j in batch],
-                       max_seconds=[j.max_seconds for j in batch], temperature=[j.temperature for j in batch],
-                       top_p=[j.top_p for j in batch], stop=[self._stopper(j) for j in batch])
+        logger.info("Generating a batch of %d (steps %s, cfg %s)", len(batch), *batch[0].group)
+        options = dict(seed=[j.seed for j in batch], max_seconds=[j.max_seconds for j in batch],
+                       temperature=[j.temperature for j in batch], top_p=[j.top_p for j in batch],
+                       stop=[self._stopper(j) for j in batch])
+        # Shared by the whole batch (it was grouped by them); left out, the model's defaults apply.
+        options.update({k: v for k, v in zip(("steps", "cfg_scale"), batch[0].group) if v is not None})
         if self.sampler is not None:
             options["sampler"] = self.sampler
         try:
