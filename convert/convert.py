@@ -21,23 +21,21 @@ from mlx.utils import tree_flatten
 
 from .. import __version__
 from .. import hub
-from .dtypes import DTYPES, RangeStats, cast, keeps_float32
-from .keys import to_original
-from .layouts import detect_layout, normalize_config
+from ..checkpoint import check_weights, detect_layout, load_config, normalize_config, read_weights
+from ..constants import DEFAULT_CFG_SCALE, DEFAULT_STEPS, DTYPE_NAMES, GENERATION_CONFIG, TOKEN_STRINGS, mlx_dtype
+from ..errors import UserError
+from ..keys import to_original
+from ..model import Model, ModelConfig
+from .dtypes import RangeStats, cast
 
 logger = logging.getLogger(__name__)
 
 CONVERTER = f"vibevoice-mlx {__version__}"
 MAX_SHARD_BYTES = 1 << 30  # bounds the conversion's memory: one shard is held before it is written
-GENERATION_DEFAULTS = {"steps": 10, "cfg_scale": 1.3}  # the original demos (architecture.md §2.6)
+GENERATION_DEFAULTS = {"steps": DEFAULT_STEPS, "cfg_scale": DEFAULT_CFG_SCALE}  # what `load` reads back
 Q_BITS = (2, 3, 4, 5, 6, 8)
 Q_GROUP_SIZES = (32, 64, 128)
-# Special tokens of the Qwen2.5 vocabulary that VibeVoice uses (architecture.md §5.1).
-SPECIAL_TOKENS = {"speech_start": "<|vision_start|>", "speech_end": "<|vision_end|>",
-                  "speech_diffusion": "<|vision_pad|>", "eos": "<|endoftext|>"}
-
-
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """A checkpoint or argument that cannot be converted; the message names the problem and the fix."""
 
 
@@ -62,12 +60,9 @@ def convert(
     source, from `tokenizer` (folder or repo id), or from the Qwen repo the source's preprocessor config names.
     Returns the folder.
     """
-    from ..loader import check_weights, load_config  # the one loader; imports the model
-    from ..model import Model, ModelConfig
-
     start = time.perf_counter()
-    if dtype not in DTYPES:
-        raise ConversionError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
+    if dtype not in DTYPE_NAMES:
+        raise ConversionError(f"dtype {dtype!r} is not one of {', '.join(DTYPE_NAMES)}.")
     if quantize and (q_bits not in Q_BITS or q_group_size not in Q_GROUP_SIZES):
         raise ConversionError(f"Quantization needs bits in {Q_BITS} and a group size in {Q_GROUP_SIZES}.")
     target = Path(mlx_path).expanduser().absolute()
@@ -81,7 +76,7 @@ def convert(
     tok_folder = _tokenizer_folder(source, tokenizer)  # before the slow part: a missing tokenizer fails fast
     _fill_token_ids(config, tok_folder)
 
-    mlx_model = Model(ModelConfig.from_dict(config))  # lazy parameters: shapes only, nothing computed
+    mlx_model = Model(ModelConfig.from_normalized(config))  # lazy parameters: shapes only, nothing computed
     weights = mlx_model.sanitize(_rename(read_checkpoint(source, allow_pickle), layout), layout)
     try:
         check_weights(mlx_model, weights)
@@ -89,7 +84,7 @@ def convert(
         raise ConversionError(f"{model}: {e}") from None
     quantized = _quantize_model(mlx_model, q_bits, q_group_size) if quantize else set()
     expected = dict(tree_flatten(mlx_model.parameters()))
-    plan = _plan(mlx_model, weights, expected, quantized, DTYPES[dtype], max_shard_bytes)
+    plan = _plan(mlx_model, weights, expected, quantized, mlx_dtype(dtype), max_shard_bytes)
     n_params = sum(math.prod(v.shape) for v in weights.values())
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.converting-", dir=target.parent))
@@ -110,7 +105,7 @@ def convert(
             "float16_flushed_values": stats.flushed,
         }
         _write_json(tmp / "config.json", out_config)
-        _write_json(tmp / "generation_config.json", GENERATION_DEFAULTS)
+        _write_json(tmp / GENERATION_CONFIG, GENERATION_DEFAULTS)
         for f in _tokenizer_files(tok_folder):
             shutil.copyfile(f, tmp / f.name)
         (tmp / "README.md").write_text(_model_card(out_config, upload_repo or str(target)))
@@ -139,8 +134,6 @@ def read_checkpoint(folder: Path, allow_pickle: bool = False) -> Dict[str, mx.ar
     safetensors (single or sharded with an index) are preferred; pickles (`.bin`, `.pt`) are read only with
     `allow_pickle`, and then through torch's weights-only loader, which cannot run code.
     """
-    from ..loader import read_weights
-
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     if index.exists():
@@ -236,7 +229,7 @@ def _plan(model, weights, expected, quantized, dtype, max_shard_bytes) -> List[L
     """Shards of (key, storage dtype), in sorted key order so both layouts give byte-identical files."""
     shards, size = [[]], 0
     for key in sorted(weights):
-        store = mx.float32 if keeps_float32(model, key, weights[key].ndim) else dtype
+        store = dtype if model.cast_predicate(key) else mx.float32  # the one dtype policy, as at load
         outs = _outputs(key, quantized)
         if len(outs) == 1:
             nbytes = weights[key].size * store.size
@@ -364,37 +357,20 @@ def _tokenizer_folder(source: Path, tokenizer: Optional[str]) -> Path:
     return folder
 
 
-def _special_token_ids(folder: Path) -> Dict[str, int]:
-    """content -> id of the added tokens, from whichever tokenizer file has them."""
-    ids = {}
-    if (folder / "tokenizer.json").is_file():
-        for t in json.loads((folder / "tokenizer.json").read_text()).get("added_tokens", []):
-            ids[t["content"]] = t["id"]
-    if (folder / "tokenizer_config.json").is_file():
-        decoder = json.loads((folder / "tokenizer_config.json").read_text()).get("added_tokens_decoder", {})
-        for i, t in decoder.items():
-            ids.setdefault(t["content"], int(i))
-    if (folder / "added_tokens.json").is_file():
-        for content, i in json.loads((folder / "added_tokens.json").read_text()).items():
-            ids.setdefault(content, i)
-    return ids
-
-
 def _fill_token_ids(config: Dict, tok_folder: Path) -> None:
-    """Record the control-token ids (the original config has none; they come from the tokenizer)."""
-    found = _special_token_ids(tok_folder)
-    from_tokenizer = {role: found[tok] for role, tok in SPECIAL_TOKENS.items() if tok in found}
-    have = config.get("token_ids") or {}
-    for role, i in from_tokenizer.items():
-        if role in have and have[role] != i:
-            logger.warning("config says %s = %d but the tokenizer has %s = %d; keeping the config's id",
-                           role, have[role], SPECIAL_TOKENS[role], i)
-    ids = {**from_tokenizer, **have}
-    missing = [SPECIAL_TOKENS[r] for r in SPECIAL_TOKENS if r not in ids]
-    if missing:
-        raise ConversionError(f"The tokenizer in {tok_folder} lacks {', '.join(missing)}: it is not a Qwen2.5 "
-                              "tokenizer; pass --tokenizer with the right one.")
-    config["token_ids"] = {r: int(ids[r]) for r in SPECIAL_TOKENS}
+    """Record the control-token ids (the original config has none; they come from the tokenizer), looked up by
+    the same resolver `load` uses, so a tokenizer that generation would refuse is refused here."""
+    from transformers import AutoTokenizer
+
+    from ..processor import SpecialTokens
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_folder))
+        tokens = SpecialTokens.from_tokenizer(tokenizer, config.get("token_ids"))
+    except (OSError, ValueError) as e:
+        raise ConversionError(f"The tokenizer in {tok_folder} cannot be used: {str(e).splitlines()[0]} Pass "
+                              "--tokenizer with the model's Qwen2.5 tokenizer.") from None
+    config["token_ids"] = {r: getattr(tokens, r) for r in ("speech_start", "speech_end", "speech_diffusion", "eos")}
 
 
 # --- model card and upload -----------------------------------------------------------------------------------
@@ -421,8 +397,8 @@ tags:
 Microsoft VibeVoice text-to-speech (hidden size {dec['hidden_size']}, {dec['num_hidden_layers']} layers) in MLX
 format, converted from `{c['source']}`{rev} ({c['source_layout']} layout) with {c['converter']}.
 
-Weights: {weights}. Tensors that must stay float32 (latent scaling factors, layer scales, norms, biases) are
-float32. The tokenizer files are included, so loading needs no network.
+Weights: {weights}. Tensors that must stay float32 (the latent scaling factors and the tokenizers' layer scales)
+are float32. The tokenizer files are included, so loading needs no network.
 
 ## Use
 

@@ -1,4 +1,5 @@
-"""The on-disk dtype policy of converted folders and the float16 range accounting (architecture.md §8).
+"""The float16 range accounting of conversion (architecture.md §8); which tensors stay float32 is the model's
+one policy, `Model.cast_predicate`, applied alike on disk and at load.
 
 The checkpoints are bfloat16. float16 has more mantissa but far less range: bfloat16 -> float16 is exact for
 6.1e-5 <= |x| <= 65504, loses precision below (subnormals), flushes the smallest values to zero and turns
@@ -11,9 +12,10 @@ from typing import Dict
 
 import mlx.core as mx
 
+from ..errors import UserError
+
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 FLOAT16_MAX = 65504.0
 FLOAT16_MIN_NORMAL = 2.0**-14  # 6.1e-5
 
@@ -21,19 +23,8 @@ FLOAT16_MIN_NORMAL = 2.0**-14  # 6.1e-5
 _CHUNK = 1 << 22
 
 
-class DtypeError(ValueError):
+class DtypeError(UserError):
     """A tensor that cannot be written in the requested dtype without corrupting it."""
-
-
-def keeps_float32(model, key: str, ndim: int) -> bool:
-    """True for tensors stored in float32 whatever the requested dtype.
-
-    The model's `cast_predicate` names what the runtime keeps in float32 (scaling scalars, layer scales). On
-    disk every 1-D and 0-D tensor (norm weights, biases) stays float32 too: they are under 0.1 % of the bytes
-    and a small bias or norm weight should not lose bits to a float16 subnormal before anyone has measured it.
-    """
-    predicate = getattr(model, "cast_predicate", None)
-    return ndim <= 1 or (predicate is not None and not predicate(key))
 
 
 @dataclass

@@ -1,6 +1,6 @@
 import pytest
 
-from vibevoice_mlx.testing import tiny_checkpoint
+from vibevoice_mlx.testing import COMMITTED_TINY, tiny_checkpoint
 
 
 def pytest_addoption(parser):
@@ -19,4 +19,4 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """The seeded tiny checkpoint in both layouts: {'original', 'transformers', 'tokenizer'} -> folder."""
-    return tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny"), committed=COMMITTED_TINY)

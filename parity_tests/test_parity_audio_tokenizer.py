@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from mlx.utils import tree_map
 
 from vibevoice_mlx.audio_tokenizer import AcousticTokenizer, SemanticTokenizer, TokenizerConfig
-from vibevoice_mlx.convert.keys import mlx_transpose, transformers_to_original
-from vibevoice_mlx.convert.layouts import normalize_config, to_transformers_config
+from vibevoice_mlx.keys import mlx_transpose, transformers_to_original
+from vibevoice_mlx.checkpoint import normalize_config, to_transformers_config
 from vibevoice_mlx.fixtures import random_tensor, real_config
 from vibevoice_mlx.testing import assert_close, snr_db, to_numpy
 

@@ -20,7 +20,7 @@ def pair(tiny):
     ref = VibeVoiceForConditionalGeneration.from_pretrained(tiny["transformers"], dtype=torch.float32).eval()
     weights = mx.load(str(tiny["original"] / "model.safetensors"))
     prefix = "model.language_model."
-    lm = backbone.make_language_model(tiny_config()["decoder_config"])
+    lm = backbone.make_language_model(backbone.model_args(tiny_config()["decoder_config"]))
     lm.load_weights([(k[len(prefix):], v) for k, v in weights.items() if k.startswith(prefix)], strict=True)
     mx.eval(lm.parameters())
     return ref, lm
@@ -62,7 +62,7 @@ def test_kv_cached_prefill_in_chunks(pair):
 
 def test_float16_backbone_against_float32_reference(pair):
     ref, lm32 = pair
-    lm = backbone.make_language_model(tiny_config()["decoder_config"])
+    lm = backbone.make_language_model(backbone.model_args(tiny_config()["decoder_config"]))
     lm.load_weights([(k, v.astype(mx.float16)) for k, v in tree_flatten(lm32.parameters())])
     x = _embeds(16, seed=3)
     with torch.no_grad():

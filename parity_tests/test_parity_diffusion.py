@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from vibevoice_mlx.convert.keys import transformers_to_original
+from vibevoice_mlx.keys import transformers_to_original
 from vibevoice_mlx.diffusion_head import DiffusionHead, DiffusionHeadConfig
 from vibevoice_mlx.scheduler import DPMSolver, sample_latent
 from vibevoice_mlx.testing import assert_close
@@ -103,7 +103,7 @@ def test_scheduler_trajectory_vs_diffusers(n):
     xt, xm, x0 = torch.from_numpy(x_init), mx.array(x_init), None
     for i, t in enumerate(ref.timesteps):
         xt = ref.step(torch.from_numpy(outputs[i]), t, xt).prev_sample
-        xm, x0 = DPMSolver().step(mx.array(outputs[i]), xm, i, n, x0)
+        xm, x0 = DPMSolver().schedule(n).step(mx.array(outputs[i]), xm, i, x0)
         # observed: up to 1.7e-6 at |x| up to 3.6 (n = 20, last steps; one-ulp coefficient differences add up)
         assert_close(f"trajectory n={n} step {i}", xm, xt, atol=1e-5)
 
@@ -114,7 +114,7 @@ def test_cfg_sample_vs_transformers(reference, head, fast):
     pos, neg = _rand(rng, 2, head.cfg.hidden_size), _rand(rng, 2, head.cfg.hidden_size)
     noise = _rand(rng, 2, head.cfg.latent_size)
     want = _reference_sample(reference, pos, neg, noise, 10, 1.3)
-    got = sample_latent(head, mx.array(pos), mx.array(neg), mx.array(noise), steps=10, cfg_scale=1.3, fast=fast)
+    got = sample_latent(head, mx.array(pos), mx.array(neg), mx.array(noise), DPMSolver().schedule(10), 1.3, fast=fast)
     assert got.dtype == mx.float32
     # observed: max abs 2.1e-6 (fast and reference path) at |z| up to 3.5
     assert_close(f"10-step CFG sample fp32 ({'fast' if fast else 'reference'} path)", got, want, atol=3e-5)
@@ -127,7 +127,7 @@ def test_cfg_sample_float16_weights_vs_float32_torch(tiny, reference, head):
     pos, neg = _rand(rng, 2, head.cfg.hidden_size), _rand(rng, 2, head.cfg.hidden_size)
     noise = _rand(rng, 2, head.cfg.latent_size)
     want = _reference_sample(reference, pos, neg, noise, 10, 1.3)
-    got = sample_latent(h16, mx.array(pos), mx.array(neg), mx.array(noise), steps=10, cfg_scale=1.3)
+    got = sample_latent(h16, mx.array(pos), mx.array(neg), mx.array(noise), DPMSolver().schedule(10), 1.3)
     assert got.dtype == mx.float32
     # fp16 weights and activations, fp32 solver: observed max abs 3.8e-3 at |z| up to 6.3
     assert_close("10-step CFG sample, MLX fp16 weights vs torch fp32", got, want, atol=3e-2)
@@ -165,10 +165,10 @@ def test_full_size_head_1p5b():
                             config=SimpleNamespace(audio_config=SimpleNamespace(hidden_size=latent)))
     want = _reference_sample(shell, pos, neg, noise, 10, 1.3)
     for fast in (True, False):
-        got = sample_latent(head, mx.array(pos), mx.array(neg), mx.array(noise), steps=10, cfg_scale=1.3, fast=fast)
+        got = sample_latent(head, mx.array(pos), mx.array(neg), mx.array(noise), DPMSolver().schedule(10), 1.3, fast=fast)
         # observed: max abs 1.0e-5 at |z| up to 7.8, both paths
         assert_close(f"1.5B 10-step CFG sample fp32 (fast={fast})", got, want, atol=1e-4)
     head.set_dtype(mx.float16)
-    got = sample_latent(head, mx.array(pos), mx.array(neg), mx.array(noise), steps=10, cfg_scale=1.3)
+    got = sample_latent(head, mx.array(pos), mx.array(neg), mx.array(noise), DPMSolver().schedule(10), 1.3)
     # observed: max abs 7.2e-3 at |z| up to 7.8
     assert_close("1.5B 10-step CFG sample, MLX fp16 vs torch fp32", got, want, atol=6e-2)

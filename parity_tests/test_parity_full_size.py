@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from vibevoice_mlx import backbone
-from vibevoice_mlx.convert.keys import original_to_transformers
-from vibevoice_mlx.convert.layouts import to_transformers_config
+from vibevoice_mlx.keys import original_to_transformers
+from vibevoice_mlx.checkpoint import to_transformers_config
 from vibevoice_mlx.fixtures import random_tensor, real_config
 from vibevoice_mlx.model import SpeechConnector
 from vibevoice_mlx.testing import assert_close
@@ -39,7 +39,7 @@ def test_backbone_full_size_1_5b():
     from transformers import Qwen2Config, Qwen2Model
 
     cfg = real_config("1.5b")
-    lm = backbone.make_language_model(cfg["decoder_config"])
+    lm = backbone.make_language_model(backbone.model_args(cfg["decoder_config"]))
     state = _load_both(None, lm, "model.language_model.")
     text = to_transformers_config(cfg)["text_config"]
     with torch.device("meta"):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import vibevoice_mlx as vv
-from vibevoice_mlx import generation
+from vibevoice_mlx import engine
 from vibevoice_mlx.testing import assert_close, snr_db
 
 SCRIPT = "Speaker 1: Hello there.\nSpeaker 2: Hi, how are you?"
@@ -95,14 +95,14 @@ def test_multi_segment_follows_the_original_rules(pipes, monkeypatch):
     mlx, _ = pipes
     latent = mlx.config.acoustic_vae_dim
     seen = []
-    real = generation.sample_latent
+    real = engine.sample_latent
 
     def recording(head, pos, neg, noise, *a, **k):
         z = real(head, pos, neg, noise, *a, **k)
         seen.append((np.array(pos), np.array(neg), np.array(z)))
         return z
 
-    monkeypatch.setattr(generation, "sample_latent", recording)
+    monkeypatch.setattr(engine, "sample_latent", recording)
     tokens = [259, 259, 259, 258, 257, 259, 259, 258, 256]
     noise = np.repeat(_noise(1, latent), 5, axis=0)  # the same noise every frame
     # eager, so the recording wrapper sees concrete values (compiled frames equal eager ones: tests/)

@@ -10,8 +10,8 @@ from mlx.utils import tree_flatten, tree_map
 
 from vibevoice_mlx.audio_tokenizer import AcousticTokenizer, SemanticTokenizer, TokenizerConfig
 from vibevoice_mlx.conv import CausalConv1d, CausalConvTranspose1d
-from vibevoice_mlx.convert.keys import mlx_transpose
-from vibevoice_mlx.convert.layouts import normalize_config
+from vibevoice_mlx.keys import mlx_transpose
+from vibevoice_mlx.checkpoint import normalize_config
 from vibevoice_mlx.testing import assert_close, snr_db
 
 HOP = 16  # tiny fixture: encoder_ratios [4, 2, 2]

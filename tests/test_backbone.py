@@ -10,7 +10,7 @@ from vibevoice_mlx.fixtures import tiny_config
 
 def _lm(seed=0):
     mx.random.seed(seed)
-    lm = backbone.make_language_model(tiny_config()["decoder_config"])
+    lm = backbone.make_language_model(backbone.model_args(tiny_config()["decoder_config"]))
     mx.eval(lm.parameters())
     return lm
 
@@ -43,7 +43,7 @@ def _separate(lm, prompt, steps):
 def _batched(lm, prompt, steps):
     pos = backbone.make_cache(lm)
     backbone.prefill(lm, prompt[:, :-1], pos)
-    cfg = backbone.CFGCache(pos)
+    cfg = backbone.CFGCache.from_prompt(pos)
     outs = []
     x = prompt[:, -1:]
     for keep, reset in steps:
@@ -88,3 +88,52 @@ def test_prefill_in_chunks_equals_one_pass():
     a = backbone.prefill(lm, x, backbone.make_cache(lm), chunk_size=4)
     b = backbone.prefill(lm, x, backbone.make_cache(lm), chunk_size=512)
     np.testing.assert_allclose(np.array(a), np.array(b), atol=2e-5)
+
+
+def test_slots_join_and_leave_without_disturbing_each_other():
+    """Two scripts of different prompt lengths in one cache: each slot's rows equal its script run alone, as a
+    slot joins mid-way (left padding grows) and another leaves (filter)."""
+    lm = _lm()
+    a, b = mx.random.normal((1, 9, 64)), mx.random.normal((1, 4, 64))
+    solo = [_batched(lm, p, [(True, False)] * 4) for p in (a, b)]
+
+    def one_slot(prompt):
+        pos = backbone.make_cache(lm)
+        backbone.prefill(lm, prompt[:, :-1], pos)
+        return backbone.CFGCache.from_prompt(pos)
+
+    cfg = one_slot(a)
+    xa = a[:, -1:]
+    h = backbone.forward(lm, mx.concatenate([xa, xa]), cfg)  # script a's first step alone
+    np.testing.assert_allclose(np.array(h[:1]), np.array(solo[0][0][0]), atol=2e-5)
+    xa = h[:1] * 0.5
+    cfg.add(one_slot(b))  # b joins: its prompt is shorter, it is left-padded
+    assert cfg.slots == 2
+    xb = b[:, -1:]
+    for step in range(3):
+        h = backbone.forward(lm, mx.repeat(mx.concatenate([xa, xb]), 2, axis=0), cfg)
+        np.testing.assert_allclose(np.array(h[0:1]), np.array(solo[0][step + 1][0]), atol=2e-5)
+        np.testing.assert_allclose(np.array(h[1:2]), np.array(solo[0][step + 1][1]), atol=2e-5)
+        np.testing.assert_allclose(np.array(h[2:3]), np.array(solo[1][step][0]), atol=2e-5)
+        np.testing.assert_allclose(np.array(h[3:4]), np.array(solo[1][step][1]), atol=2e-5)
+        xa, xb = h[0:1] * 0.5, h[2:3] * 0.5
+    cfg.keep([1])  # a leaves; b goes on alone
+    h = backbone.forward(lm, mx.repeat(xb, 2, axis=0), cfg)
+    np.testing.assert_allclose(np.array(h[:1]), np.array(solo[1][3][0]), atol=2e-5)
+
+
+def test_mlx_lm_batch_cache_internals_we_rely_on():
+    """CFGCache uses BatchKVCache's merge/extend/filter/prepare/finalize and its `state` tuple; pin them."""
+    from mlx_lm.models.cache import BatchKVCache, KVCache
+
+    kv = KVCache()
+    kv.update_and_fetch(mx.ones((1, 2, 3, 4)), mx.ones((1, 2, 3, 4)))
+    b = BatchKVCache.merge([kv, KVCache()])
+    keys, values, offset, left_padding, idx = b.state
+    assert keys.shape[0] == 2 and idx == 3
+    assert offset.tolist() == [3, 0] and left_padding.tolist() == [0, 3]
+    for name in ("extend", "filter", "prepare", "finalize", "make_mask"):
+        assert callable(getattr(b, name))
+    b.prepare(right_padding=[1, 0])
+    b.finalize()
+    assert b.state[3].tolist() == [1, 3] and b.state[2].tolist() == [2, 0]

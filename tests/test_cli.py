@@ -2,6 +2,7 @@
 
 import re
 
+import pytest
 from click.testing import CliRunner
 
 from vibevoice_mlx.cli import main
@@ -19,6 +20,7 @@ def test_unknown_option_is_a_usage_error_not_a_traceback():
     assert r.exit_code == 2 and "No such option" in r.output and "Traceback" not in r.output
 
 
+@pytest.mark.needs_torch
 def test_bench_times_both_backends_and_prints_the_ratio(tiny):
     r = CliRunner().invoke(main, ["bench", "--model", str(tiny["original"]), "--tokenizer", str(tiny["tokenizer"]),
                                   "--backends", "mlx,torch", "--force-frames", "--frames", "3", "--runs", "1",

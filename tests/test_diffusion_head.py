@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from vibevoice_mlx.convert.layouts import normalize_config
+from vibevoice_mlx.checkpoint import normalize_config
 from vibevoice_mlx.diffusion_head import DiffusionHead, DiffusionHeadConfig, timestep_sinusoid
-from vibevoice_mlx.scheduler import sample_latent
+from vibevoice_mlx.scheduler import DPMSolver, sample_latent
+
+TEN = DPMSolver().schedule(10)
 from vibevoice_mlx.testing import assert_close
 
 PREFIX = "model.prediction_head."
@@ -69,7 +71,7 @@ def test_fast_step_equals_plain_call(head):
     pos, neg, x = _inputs()
     cond = mx.concatenate([pos, neg])
     timesteps = [999, 500, 1]
-    mods = head.modulations(cond, timesteps)
+    mods = head.modulations(cond, head.t_embedder(timesteps))
     assert [m.shape for m in mods] == [(3, 4, 192)] * 2 + [(3, 4, 128)]
     x2 = mx.concatenate([x, x])
     for i, t in enumerate(timesteps):
@@ -80,8 +82,8 @@ def test_fast_step_equals_plain_call(head):
 @pytest.mark.parametrize("steps", [1, 10])
 def test_fast_path_equals_reference_path(head, steps):
     pos, neg, noise = _inputs()
-    fast = sample_latent(head, pos, neg, noise, steps=steps, cfg_scale=1.3)
-    ref = sample_latent(head, pos, neg, noise, steps=steps, cfg_scale=1.3, fast=False)
+    fast = sample_latent(head, pos, neg, noise, DPMSolver().schedule(steps), 1.3)
+    ref = sample_latent(head, pos, neg, noise, DPMSolver().schedule(steps), 1.3, fast=False)
     assert fast.dtype == mx.float32 and fast.shape == (2, 8)
     # observed: 0 on the tiny head (fp32)
     assert_close(f"fast vs reference sample, {steps} steps", fast, ref, atol=1e-6, rtol=1e-6)
@@ -89,24 +91,22 @@ def test_fast_path_equals_reference_path(head, steps):
 
 def test_cfg_scale_one_is_the_positive_branch(head):
     pos, neg, noise = _inputs()
-    a = sample_latent(head, pos, neg, noise, cfg_scale=1.0)
-    b = sample_latent(head, pos, pos * 0 + 5, noise, cfg_scale=1.0)
+    a = sample_latent(head, pos, neg, noise, TEN, 1.0)
+    b = sample_latent(head, pos, pos * 0 + 5, noise, TEN, 1.0)
     # v_neg + (v_pos - v_neg) rounds at the ulp of v_neg: observed 1.2e-6
     assert_close("cfg 1 ignores the negative branch", a, b, atol=1e-5)
-    assert not np.allclose(np.array(a), np.array(sample_latent(head, pos, neg, noise, cfg_scale=2.0)), atol=1e-3)
+    assert not np.allclose(np.array(a), np.array(sample_latent(head, pos, neg, noise, TEN, 2.0)), atol=1e-3)
 
 
-def test_timestep_cache_follows_new_weights(tiny):
+def test_timestep_embeddings_are_computed_in_the_weights_dtype(tiny):
+    """No cache hides on the head: the embeddings come from the weights of the moment, in their dtype."""
     original = _original_head_weights(tiny["original"])
     head = DiffusionHead(DiffusionHeadConfig(hidden_size=64, latent_size=8, head_layers=2))
-    before = np.array(head.timestep_embeddings([999, 500]))
+    before = np.array(head.t_embedder([999, 500]))
     head.load_weights(list(original.items()), strict=True)
-    after = head.timestep_embeddings([999, 500])
-    want = head.t_embedder(mx.array([999, 500]))
-    assert not np.allclose(before, np.array(after))
-    assert_close("cached t-embedding after reload", after, want, atol=0)
+    assert not np.allclose(before, np.array(head.t_embedder([999, 500])))
     head.set_dtype(mx.float16)
-    assert head.timestep_embeddings([999, 500]).dtype == mx.float16
+    assert head.t_embedder([999, 500]).dtype == mx.float16
 
 
 def test_float16_weights_give_finite_float32_latents(tiny, head):
@@ -117,12 +117,12 @@ def test_float16_weights_give_finite_float32_latents(tiny, head):
     pos, neg, noise = _inputs()
     v = h16(noise, mx.array([999, 999]), pos.astype(mx.float16))
     assert v.dtype == mx.float16 and bool(mx.all(mx.isfinite(v)))
-    z16 = sample_latent(h16, pos, neg, noise)
-    z32 = sample_latent(head, pos, neg, noise)
+    z16 = sample_latent(h16, pos, neg, noise, TEN, 1.3)
+    z32 = sample_latent(head, pos, neg, noise, TEN, 1.3)
     assert z16.dtype == mx.float32 and bool(mx.all(mx.isfinite(z16)))
     # fp16 activations: observed max abs 4.2e-3 at |z| up to 3.2 (tiny random head)
     assert_close("fp16 vs fp32 weights, 10-step sample", z16, z32, atol=0.03)
-    assert_close("fp16 fast vs reference path", z16, sample_latent(h16, pos, neg, noise, fast=False), atol=1e-3)  # observed 0
+    assert_close("fp16 fast vs reference path", z16, sample_latent(h16, pos, neg, noise, TEN, 1.3, fast=False), atol=1e-3)  # observed 0
 
 
 def test_quantized_head_runs(tiny, head):
@@ -133,6 +133,6 @@ def test_quantized_head_runs(tiny, head):
     assert hasattr(hq.cond_proj, "scales") and hasattr(hq.t_embedder.mlp[0], "scales")
     assert hq.dtype == mx.float32
     pos, neg, noise = _inputs()
-    z = sample_latent(hq, pos, neg, noise)
+    z = sample_latent(hq, pos, neg, noise, TEN, 1.3)
     # observed max abs 5.1e-2 at |z| up to 3.2
-    assert_close("8-bit head vs fp32, 10-step sample", z, sample_latent(head, pos, neg, noise), atol=0.2)
+    assert_close("8-bit head vs fp32, 10-step sample", z, sample_latent(head, pos, neg, noise, TEN, 1.3), atol=0.2)

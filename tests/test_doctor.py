@@ -86,6 +86,7 @@ def test_missing_torch_and_mlx_name_the_fix(monkeypatch):
     assert "libmlx.so" in text and "fix: " in text and "not installed" in text
 
 
+@pytest.mark.needs_torch
 def test_nothing_missing_when_everything_is_installed():
     report = doctor.doctor_report(memory_bytes=16 * GB)
     # The test environment has the full install (pip install -e '.[torch,test]'); what may remain is about the

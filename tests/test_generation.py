@@ -124,7 +124,7 @@ def test_voice_noise_is_the_seeded_sigma_vae_sampling(pipe):
 def test_overflow_is_a_clear_error_not_garbage_audio(tiny, where):
     import mlx.core as mx
 
-    from vibevoice_mlx.generation import NumericsError
+    from vibevoice_mlx.errors import NumericsError
 
     pipe = vv.load(tiny["original"], tokenizer=tiny["tokenizer"])
     params = dict(__import__("mlx.utils", fromlist=["tree_flatten"]).tree_flatten(pipe.model.parameters()))

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from vibevoice_mlx.convert.keys import (
+from vibevoice_mlx.keys import (
     mlx_transpose,
     original_to_transformers,
     torch_transpose,

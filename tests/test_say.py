@@ -18,6 +18,7 @@ from click.testing import CliRunner
 
 from vibevoice_mlx import generation
 from vibevoice_mlx.cli import main
+from vibevoice_mlx.engine import MLXBackend
 
 K = 6
 
@@ -75,13 +76,13 @@ def test_saved_voice_is_reused_without_reencoding(tiny, voices, forced, tmp_path
              "--seed", 4)
     assert r.exit_code == 0, r.output and saved.exists()
     calls = []
-    real_voice_latents = generation.encode_voices
+    real_voice_latents = MLXBackend.voice_latents
 
-    def counting(model, voices_, *a, **k):
+    def counting(self, voices_, *a, **k):
         calls.append([v.ndim for v in voices_])
-        return real_voice_latents(model, voices_, *a, **k)
+        return real_voice_latents(self, voices_, *a, **k)
 
-    monkeypatch.setattr(generation, "encode_voices", counting)
+    monkeypatch.setattr(MLXBackend, "voice_latents", counting)
     monkeypatch.setattr(generation, "greedy", forcing_sampler())
     r = _say(tiny, "Speaker 1: Hello.", "--voice", saved, "-o", tmp_path / "b.wav", "--seed", 4)
     assert r.exit_code == 0, r.output
@@ -168,6 +169,7 @@ def test_killed_run_leaves_a_valid_file(tiny, tmp_path):
     assert np.abs(audio).max() > 0
 
 
+@pytest.mark.needs_torch
 def test_torch_backend_from_the_command_line(tiny, tmp_path, monkeypatch):
     """--backend torch runs transformers' generate (its token choice forced to 4 frames, then stop)."""
     from vibevoice_mlx import torch_backend

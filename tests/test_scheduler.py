@@ -83,8 +83,9 @@ def test_trajectory_follows_spec_formulas(n):
     vs = [rng.standard_normal((2, 16)).astype(np.float32) for _ in range(n)]
     want = _spec_trajectory(solver.sigmas(n).astype(np.float64), x_init.astype(np.float64), vs)
     x, x0 = mx.array(x_init), None
+    schedule = solver.schedule(n)
     for i in range(n):
-        x, x0 = solver.step(mx.array(vs[i]), x, i, n, x0)
+        x, x0 = schedule.step(mx.array(vs[i]), x, i, x0)
         assert x.dtype == mx.float32
         scale = np.abs(want[i]).max()
         np.testing.assert_allclose(np.array(x), want[i], rtol=0, atol=1e-5 * scale, err_msg=f"step {i}")
@@ -97,7 +98,7 @@ def test_last_step_returns_x0_exactly():
     x = mx.array(rng.standard_normal((1, 8)).astype(np.float32))
     v = mx.array(rng.standard_normal((1, 8)).astype(np.float32))
     prev = mx.array(rng.standard_normal((1, 8)).astype(np.float32))
-    x_next, x0 = solver.step(v, x, n - 1, n, prev)
+    x_next, x0 = solver.schedule(n).step(v, x, n - 1, prev)
     assert np.array_equal(np.array(x_next), np.array(x0))
     sigma = float(SPEC[10][1][n - 1])
     alpha = 1 / math.sqrt(sigma**2 + 1)
@@ -106,7 +107,7 @@ def test_last_step_returns_x0_exactly():
 
 def test_second_order_step_needs_history():
     with pytest.raises(ValueError, match="previous step"):
-        DPMSolver().step(mx.zeros((1, 4)), mx.zeros((1, 4)), 1, 10, None)
+        DPMSolver().schedule(10).step(mx.zeros((1, 4)), mx.zeros((1, 4)), 1, None)
 
 
 def test_state_is_reset_per_call():
@@ -117,12 +118,12 @@ def test_state_is_reset_per_call():
     pos, neg = (mx.array(rng.standard_normal((1, 32)).astype(np.float32)) for _ in range(2))
     noise = mx.array(rng.standard_normal((1, 4)).astype(np.float32))
     shared = DPMSolver()
-    first = np.array(sample_latent(head, pos, neg, noise, steps=10, solver=shared))
-    sample_latent(head, neg, pos, noise * 3, steps=5, solver=shared)  # another frame with another step count
-    again = np.array(sample_latent(head, pos, neg, noise, steps=10, solver=shared))
-    fresh = np.array(sample_latent(head, pos, neg, noise, steps=10, solver=DPMSolver()))
+    first = np.array(sample_latent(head, pos, neg, noise, shared.schedule(10), 1.3))
+    sample_latent(head, neg, pos, noise * 3, shared.schedule(5), 1.3)  # another frame with another step count
+    again = np.array(sample_latent(head, pos, neg, noise, shared.schedule(10), 1.3))
+    fresh = np.array(sample_latent(head, pos, neg, noise, DPMSolver().schedule(10), 1.3))
     assert np.array_equal(first, again) and np.array_equal(first, fresh)
-    assert not np.array_equal(first, np.array(sample_latent(head, pos, neg, noise, steps=5, solver=shared)))
+    assert not np.array_equal(first, np.array(sample_latent(head, pos, neg, noise, shared.schedule(5), 1.3)))
 
 
 def test_rejects_other_schedules():

@@ -7,7 +7,8 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "generate", "stream_generate", "convert", "free_memory", "GenerationConfig"]
+__all__ = ["load", "generate", "stream_generate", "generate_batch", "stream_generate_batch", "encode_voices",
+           "save_voice", "convert", "free_memory", "GenerationConfig"]
 
 
 def __getattr__(name):
@@ -16,10 +17,14 @@ def __getattr__(name):
         from .loader import load
 
         return load
-    if name in ("generate", "stream_generate", "GenerationConfig"):
+    if name in ("generate", "stream_generate", "generate_batch", "stream_generate_batch", "GenerationConfig"):
         from . import generation as _generation
 
         return getattr(_generation, name)
+    if name in ("encode_voices", "save_voice"):
+        from . import voices as _voices
+
+        return getattr(_voices, name)
     if name == "convert":
         from .convert.convert import convert
 

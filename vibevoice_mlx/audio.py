@@ -13,9 +13,11 @@ from typing import Dict, Optional, Tuple, Union
 import numpy as np
 import soundfile as sf
 
+from .constants import SAMPLE_RATE
+from .errors import MissingPathError, OutputExistsError, UserError
+
 logger = logging.getLogger(__name__)
 
-SAMPLE_RATE = 24000
 HOP = 3200  # samples per latent frame: product of the acoustic encoder's ratios (7.5 frames/s)
 
 PathLike = Union[str, os.PathLike]
@@ -36,13 +38,13 @@ def load_audio(path: PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Read any file soundfile can read as float32 mono at `sample_rate` (channels averaged, soxr resampling)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Audio file not found: {path}")
+        raise MissingPathError(f"Audio file not found: {path}")
     try:
         data, sr = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError) as e:
-        raise ValueError(f"Cannot read {path} as audio ({e}); formats: {', '.join(sorted(sf.available_formats()))}")
+        raise UserError(f"Cannot read {path} as audio ({e}); formats: {', '.join(sorted(sf.available_formats()))}")
     if data.shape[0] == 0:
-        raise ValueError(f"{path} contains no audio samples.")
+        raise UserError(f"{path} contains no audio samples.")
     audio = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
     return resample(audio, sr, sample_rate)
 
@@ -76,7 +78,7 @@ def voice_frames(num_samples: int, hop: int = HOP) -> int:
 def output_format(path: Path) -> Tuple[str, str]:
     ext = path.suffix.lower()
     if ext not in FORMATS:
-        raise ValueError(f"Cannot write {path}: unknown audio format {ext or '(no extension)'!r}; "
+        raise UserError(f"Cannot write {path}: unknown audio format {ext or '(no extension)'!r}; "
                          f"use one of {', '.join(FORMATS)}.")
     return FORMATS[ext]
 
@@ -92,9 +94,9 @@ def _mono(audio) -> np.ndarray:
 
 def _refuse_overwrite(path: Path, force: bool):
     if path.exists() and not force:
-        raise FileExistsError(f"{path} already exists; pass --force (force=True) to overwrite it.")
+        raise OutputExistsError(f"{path} already exists; pass --force (force=True) to overwrite it.")
     if not path.parent.is_dir():
-        raise FileNotFoundError(f"Cannot write {path}: folder {path.parent} does not exist.")
+        raise MissingPathError(f"Cannot write {path}: folder {path.parent} does not exist.")
 
 
 class AudioWriter:
@@ -125,7 +127,7 @@ class AudioWriter:
         else:
             self.partial_path = self.path.with_name(self.path.name + ".partial.wav")
             if self.partial_path.exists() and not force:
-                raise FileExistsError(f"{self.partial_path} already exists (left by an interrupted run?); move it "
+                raise OutputExistsError(f"{self.partial_path} already exists (left by an interrupted run?); move it "
                                       "away or pass --force (force=True).")
             stream_path, stream_subtype = self.partial_path, "FLOAT"
             logger.info("Writing %s through %s (encoded on close)", self.path, self.partial_path)
@@ -206,7 +208,7 @@ def save_voice(path: PathLike, latents: np.ndarray, meta: Dict, force: bool = Fa
     """Save a voice's acoustic latents [T, D] (float32) as a small safetensors file, to reuse without re-encoding.
 
     meta: "num_samples" (length of the normalized 24 kHz clip) and "model" (an identifier of the model that encoded
-    it) are required; "sample_rate" and "hop" default to 24000 and 3200; other str-able entries are kept.
+    it) are required; "sample_rate" and "hop" default to SAMPLE_RATE and HOP; other str-able entries are kept.
     """
     from safetensors.numpy import save_file
 
@@ -242,29 +244,29 @@ def load_voice(path: PathLike, vae_dim: Optional[int] = None, hop: Optional[int]
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Saved voice not found: {path}")
+        raise MissingPathError(f"Saved voice not found: {path}")
     try:
         with safe_open(str(path), framework="numpy") as f:
             info = dict(f.metadata() or {})
             latents = f.get_tensor("latents") if "latents" in f.keys() else None
     except Exception as e:  # safetensors raises its own error types for a file that is not safetensors
-        raise ValueError(f"{path} is not a saved voice (cannot read it as safetensors: {e}).") from e
+        raise UserError(f"{path} is not a saved voice (cannot read it as safetensors: {e}).") from e
     if info.get("format") != VOICE_FORMAT or latents is None:
-        raise ValueError(f"{path} is not a saved voice (format {info.get('format')!r}, expected {VOICE_FORMAT!r}).")
+        raise UserError(f"{path} is not a saved voice (format {info.get('format')!r}, expected {VOICE_FORMAT!r}).")
     try:
         meta: Dict = {**info, **{k: int(info[k]) for k in _VOICE_INT_KEYS}}
     except (KeyError, ValueError) as e:
-        raise ValueError(f"{path}: saved voice metadata is incomplete or invalid ({e}).") from e
+        raise UserError(f"{path}: saved voice metadata is incomplete or invalid ({e}).") from e
     if meta["format_version"] > VOICE_FORMAT_VERSION:
-        raise ValueError(f"{path} uses saved-voice format version {meta['format_version']}; this vibevoice-mlx "
+        raise UserError(f"{path} uses saved-voice format version {meta['format_version']}; this vibevoice-mlx "
                          f"reads up to {VOICE_FORMAT_VERSION}. Upgrade vibevoice-mlx or re-save the voice.")
     if latents.ndim != 2 or latents.shape[1] != meta["vae_dim"] or \
             latents.shape[0] != voice_frames(meta["num_samples"], meta["hop"]):
-        raise ValueError(f"{path}: latents of shape {latents.shape} do not match the metadata "
+        raise UserError(f"{path}: latents of shape {latents.shape} do not match the metadata "
                          f"(vae_dim {meta['vae_dim']}, {meta['num_samples']} samples, hop {meta['hop']}).")
     for key, want in (("vae_dim", vae_dim), ("hop", hop), ("sample_rate", sample_rate)):
         if want is not None and meta[key] != int(want):
-            raise ValueError(f"{path} was saved with {key} {meta[key]} but the model needs {want}; re-save the "
+            raise UserError(f"{path} was saved with {key} {meta[key]} but the model needs {want}; re-save the "
                              "voice with this model.")
     if model is not None and meta.get("model") != model:
         logger.warning("%s was saved with model %r; using it with %r.", path, meta.get("model"), model)

@@ -3,7 +3,7 @@
 Fully causal ConvNeXt-style 1-D nets, channels-last [B, T, C]. Attribute names follow the original Microsoft
 checkpoint (`downsample_layers.0.0.conv.conv.weight`, `stages.S.B.mixer.conv.conv.conv.weight`,
 `upsample_layers.N.0.convtr.convtr.weight`, `head.conv.conv.weight`), so `load_weights(strict=True)` takes the
-original keys after the conv transposes of `convert.keys.mlx_transpose`.
+original keys after the conv transposes of `keys.mlx_transpose`.
 
 Every encoder and decoder has a one-shot call and a streaming `stream(x, state) -> (y, state)` with the state as
 a flat list of arrays (one per causal conv, in call order); `make_state(batch)` is a fresh stream (a reset).
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TokenizerConfig(BaseModelArgs):  # from_dict ignores unknown keys
-    """One tokenizer's config, in the normalized (original) field names of `convert.layouts.normalize_config`."""
+    """One tokenizer's config, in the normalized (original) field names of `checkpoint.normalize_config`."""
 
     vae_dim: int
     channels: int = 1

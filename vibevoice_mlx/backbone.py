@@ -2,13 +2,15 @@
 
 VibeVoice runs the language model twice per frame: the positive branch (full prompt) and the negative,
 unconditional branch (a lone speech_start followed by the generated speech, architecture.md §6.1/§6.4). Both
-consume the same input embedding each step, so they run as one batch of two over a `CFGCache`: one mlx-lm
-`BatchKVCache` whose negative row is left-padded to the positive length. The weights are then read once per frame.
+consume the same input embedding each step, so they run as one batch over a `CFGCache`: one mlx-lm `BatchKVCache`
+per layer whose rows are the two branches of every script in the batch, left-padded to the longest. The weights
+are then read once per frame, however many scripts run.
 """
 
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models import qwen2
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
@@ -34,9 +36,9 @@ def model_args(decoder_config: dict) -> qwen2.ModelArgs:
     return qwen2.ModelArgs.from_dict(dict(decoder_config, model_type="qwen2"))
 
 
-def make_language_model(decoder_config: dict) -> qwen2.Qwen2Model:
+def make_language_model(args: qwen2.ModelArgs) -> qwen2.Qwen2Model:
     """The backbone without its head: embed_tokens, layers, norm (original names under `language_model.`)."""
-    return qwen2.Qwen2Model(model_args(decoder_config))
+    return qwen2.Qwen2Model(args)
 
 
 def forward(lm: qwen2.Qwen2Model, embeds: mx.array, cache) -> mx.array:
@@ -58,26 +60,24 @@ def make_cache(lm: qwen2.Qwen2Model) -> List[KVCache]:
 
 
 class CFGCache:
-    """Positive (row 0) and negative (row 1) KV caches as one left-padded batch.
+    """The KV caches of every script in a batch, both CFG branches, as one left-padded batch per layer.
 
-    Built from the positive branch's prefilled cache; the negative row starts empty. Each step appends one entry to
-    both rows. `drop_negative()` undoes the negative's entry on a step that produced no frame (the reference runs the
-    negative branch only on diffusion steps); `reset_negative()` empties the negative row, which is how the original
-    restarts the unconditional branch on every speech_start (positions restart at 0).
+    Row 2i is script slot i's positive branch (its prompt, then the generated speech), row 2i+1 its negative one
+    (a lone speech_start, then the speech). Each step appends one entry to every row. `drop_negative` undoes a
+    negative row's entry on a step that produced no frame (the reference runs the negative branch only on
+    diffusion steps); `reset_negative` empties a negative row, which is how the original restarts the
+    unconditional branch on every speech_start (positions restart at 0); `add` appends a freshly prefilled
+    script and `keep` drops finished ones. This class is the one place that touches mlx-lm's `BatchKVCache`
+    beyond its documented use; tests/test_backbone.py pins what it relies on.
     """
 
-    def __init__(self, positive: List[KVCache]):
-        self.layers = []
-        for c in positive:
-            n = c.offset
-            b = BatchKVCache([0, n])
-            if n:
-                k, v = c.keys_and_values()
-                b.keys = mx.concatenate([k, mx.zeros_like(k)], axis=0)
-                b.values = mx.concatenate([v, mx.zeros_like(v)], axis=0)
-                b._idx = n
-                b.offset = mx.array([n, 0])
-            self.layers.append(b)
+    def __init__(self, layers: List[BatchKVCache]):
+        self.layers = layers
+
+    @classmethod
+    def from_prompt(cls, positive: List[KVCache]) -> "CFGCache":
+        """One slot: the positive branch's prefilled caches and an empty negative row."""
+        return cls([BatchKVCache.merge([c, KVCache()]) for c in positive])
 
     def __iter__(self):
         return iter(self.layers)
@@ -88,14 +88,37 @@ class CFGCache:
     def __len__(self):
         return len(self.layers)
 
-    def drop_negative(self):
-        """Forget the negative row's last entry (it becomes left padding)."""
+    @property
+    def slots(self) -> int:
+        return int(self.layers[0].offset.shape[0]) // 2
+
+    def add(self, other: "CFGCache") -> None:
+        """Append the slots of `other` (their prompts may be longer or shorter: the shorter side is padded)."""
+        for c, o in zip(self.layers, other.layers):
+            c.extend(o)
+
+    def keep(self, slots: Sequence[int]) -> None:
+        """Keep only these slots, in this order."""
+        rows = mx.array([r for s in slots for r in (2 * s, 2 * s + 1)])
         for c in self.layers:
-            c.prepare(right_padding=[0, 1])
+            c.filter(rows)
+
+    def drop_negative(self, slots: Optional[Sequence[int]] = None) -> None:
+        """Forget the last entry of these slots' negative rows (all slots if None); it becomes left padding."""
+        slots = range(self.slots) if slots is None else slots
+        padding = [0] * (2 * self.slots)
+        for s in slots:
+            padding[2 * s + 1] = 1
+        for c in self.layers:
+            c.prepare(right_padding=padding)
             c.finalize()
 
-    def reset_negative(self):
-        """Empty the negative row: its next token sits at position 0 and sees nothing before it."""
+    def reset_negative(self, slots: Optional[Sequence[int]] = None) -> None:
+        """Empty these slots' negative rows: their next token sits at position 0 and sees nothing before it."""
+        slots = range(self.slots) if slots is None else slots
+        rows = [2 * s + 1 for s in slots]
         for c in self.layers:
-            c.left_padding = mx.array([int(c.left_padding[0].item()), c._idx])
-            c.offset = mx.array([int(c.offset[0].item()), 0])
+            keys, values, offset, left_padding, idx = c.state
+            offset, left_padding = np.array(offset), np.array(left_padding)
+            offset[rows], left_padding[rows] = 0, idx
+            c.state = (keys, values, mx.array(offset), mx.array(left_padding), idx)

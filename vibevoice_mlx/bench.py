@@ -21,6 +21,8 @@ from typing import List, Optional
 import numpy as np
 
 from . import generation
+from .backend import greedy
+from .constants import SAMPLE_RATE
 
 logger = logging.getLogger(__name__)
 
@@ -39,27 +41,20 @@ class BenchResult:
 
 
 class _Clock:
-    """Wraps a sampler to stamp every token choice."""
+    """A sampler that stamps every token choice (and forces frames on request); the same for both backends."""
 
     def __init__(self, force_frames: bool):
         self.stamps: List[float] = []
         self.force = force_frames
 
-    def mlx_sampler(self, logits, token_ids):
-        token = generation.greedy(logits, token_ids)  # same work and sync as an ordinary run
+    def __call__(self, logits, token_ids):
+        token = greedy(logits, token_ids)  # same work and sync as an ordinary run
         self.stamps.append(time.perf_counter())
         return token_ids[2] if self.force else token
 
-    def torch_sampler(self, ids):
-        def choose(logits):
-            self.stamps.append(time.perf_counter())
-            return ids[2] if self.force else int(np.argmax(logits))
-
-        return choose
-
 
 def _voice(seconds: float, seed: int = 0) -> np.ndarray:
-    t = np.arange(int(seconds * 24000)) / 24000
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
     rng = np.random.default_rng(seed)
     return (0.1 * np.sin(2 * np.pi * 180 * t) + 0.02 * rng.standard_normal(t.size)).astype(np.float32)
 
@@ -67,6 +62,7 @@ def _voice(seconds: float, seed: int = 0) -> np.ndarray:
 def run_backend(model: str, backend: str, dtype: Optional[str], script: str, voice_seconds: float, frames: int,
                 runs: int, warmup: int, steps: int, cfg_scale: float, force_frames: bool,
                 tokenizer: Optional[str] = None) -> BenchResult:
+    """Time `generate` on `backend` as a user runs it: the same orchestration, only the sampler stamps time."""
     from .loader import load
     from .memory import free_memory
 
@@ -79,28 +75,21 @@ def run_backend(model: str, backend: str, dtype: Optional[str], script: str, voi
         mx.reset_peak_memory()
     except Exception:
         pass
+    quiet = logging.getLogger(generation.__name__)
     for _ in range(runs):
         clock = _Clock(force_frames)
         start = time.perf_counter()
-        max_seconds = (frames + warmup) * pipe.hop_length / 24000
-        if backend == "mlx":
-            sampler = clock.mlx_sampler
-        else:
-            sampler = None
-        kwargs = dict(steps=steps, cfg_scale=cfg_scale, seed=0, max_seconds=max_seconds)
-        if backend == "mlx":
-            quiet = logging.getLogger(generation.__name__)
-            level, quiet.level = quiet.level, logging.ERROR  # the frame limit below is ours, not news
-            try:
-                generation.generate(pipe, script, voices, sampler=sampler, **kwargs)
-            finally:
-                quiet.setLevel(level)
-        else:
-            _torch_run(pipe, script, voices, clock, frames + warmup, steps, cfg_scale)
+        max_seconds = (frames + warmup) * pipe.hop_length / SAMPLE_RATE
+        level, quiet.level = quiet.level, logging.ERROR  # the frame limit below is ours, not news
+        try:
+            generation.generate(pipe, script, voices, sampler=clock, steps=steps, cfg_scale=cfg_scale, seed=0,
+                                max_seconds=max_seconds)
+        finally:
+            quiet.setLevel(level)
         if clock.stamps:
             prefills.append(clock.stamps[0] - start)
             gaps += list(np.diff(clock.stamps[warmup:]))
-    dtype_name = _dtype_name(pipe)
+    dtype_name = pipe.backend.dtype_name
     peak = _peak_gb(backend)
     frame_seconds = pipe.hop_length / pipe.sample_rate
     del pipe
@@ -109,29 +98,6 @@ def run_backend(model: str, backend: str, dtype: Optional[str], script: str, voi
     frame = statistics.median(gaps) if gaps else float("nan")
     return BenchResult(backend, dtype_name, frame * 1000, len(gaps), frame_seconds / frame if gaps else 0.0,
                        statistics.median(prefills) if prefills else float("nan"), peak)
-
-
-def _torch_run(pipe, script, voices, clock, max_frames, steps, cfg_scale):
-    from .processor import build_prompt, parse_script, script_speakers
-    from .torch_backend import torch_generate
-
-    items = [it for it in parse_script(script) if hasattr(it, "lines")]
-    speakers = script_speakers(items)
-    from .audio import normalize_voice
-
-    voices = [normalize_voice(v) for v in voices or []]
-    frames = [-(-len(v) // pipe.hop_length) for v in voices]
-    prompt = build_prompt(pipe.tokenizer, items[0].lines, frames, pipe.tokens, num_speakers=len(speakers))
-    torch_generate(pipe.model, prompt.input_ids, voices or None, prompt.speech_input_mask, steps=steps,
-                   cfg_scale=cfg_scale, token_sampler=clock.torch_sampler(pipe.tokens.control_ids),
-                   max_new_tokens=max_frames, seed=0)
-
-
-def _dtype_name(pipe) -> str:
-    if pipe.backend == "torch":
-        return str(next(pipe.model.parameters()).dtype).replace("torch.", "")
-    w = pipe.model.model.language_model.norm.weight
-    return str(w.dtype).replace("mlx.core.", "")
 
 
 def _peak_gb(backend: str) -> float:

@@ -6,21 +6,44 @@ exit with one line and a non-zero status; library code logs and raises.
 
 import logging
 import sys
+from contextlib import contextmanager
 
 import click
 
+from .errors import UserError
 
-class UserError(click.ClickException):
+logger = logging.getLogger("vibevoice_mlx")
+
+
+class CLIError(click.ClickException):
     """One-line error for bad input: names the problem and the fix."""
+
+
+@contextmanager
+def user_errors():
+    """A `UserError` from the library becomes a one-line message and exit 1; anything else is a bug and keeps its
+    traceback."""
+    try:
+        yield
+    except UserError as e:
+        raise CLIError(str(e)) from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="vibevoice-mlx")
-@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
-def main(verbose):
+@click.option("-v", "--verbose", count=True, help="More log output: -v debug, -vv the libraries' debug too.")
+@click.option("-q", "--quiet", is_flag=True, help="Errors only: no warnings, no progress bar.")
+@click.pass_context
+def main(ctx, verbose, quiet):
     """Microsoft VibeVoice text-to-speech with MLX."""
-    level = logging.WARNING - 10 * min(verbose + 1, 2)
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    # Ours: info by default (what was loaded, converted, cut), -v debug; -vv also the libraries' debug logs.
+    logging.basicConfig(format="%(message)s", stream=sys.stderr)
+    logger.setLevel(logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO)
+    logging.getLogger().setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
+    from .blas import maybe_reexec_with_fast_blas
+
+    maybe_reexec_with_fast_blas(sys.argv)  # Linux: the system's OpenBLAS instead of the wheel's reference BLAS
+    ctx.obj = {"quiet": quiet, "verbose": verbose}
 
 
 # --- convert (owned by the conversion stage) ---
@@ -42,19 +65,12 @@ def main(verbose):
 def convert(model, mlx_path, dtype, quantize, q_bits, q_group_size, tokenizer, force, upload_repo, allow_pickle,
             revision):
     """Convert a VibeVoice PyTorch checkpoint (original or transformers layout) to an MLX folder."""
-    from .convert.convert import ConversionError, convert as run_convert
-    from .convert.dtypes import DtypeError
-    from .convert.layouts import LayoutError
-    from .hub import HubError
-    from .loader import LoadError
+    from .convert.convert import convert as run_convert
 
-    try:
+    with user_errors():
         run_convert(model, mlx_path, dtype=dtype, quantize=quantize, q_bits=int(q_bits),
                     q_group_size=int(q_group_size), tokenizer=tokenizer, force=force, upload_repo=upload_repo,
                     allow_pickle=allow_pickle, revision=revision)
-    except (ConversionError, DtypeError, HubError, LayoutError, LoadError) as e:
-        raise UserError(str(e)) from None
-
 
 
 # --- doctor ---
@@ -78,7 +94,7 @@ def _read_script(text, file):
         return file.read()
     if text:
         return text
-    raise UserError("No script: give the text as an argument or --file script.txt.")
+    raise CLIError("No script: give the text as an argument or --file script.txt.")
 
 
 @main.command()
@@ -92,8 +108,8 @@ def _read_script(text, file):
               help="Save the encoded latents of the --voice at the same position, to reuse without re-encoding.")
 @click.option("-o", "--output", default="output.wav", show_default=True, type=click.Path(dir_okay=False),
               help="Output file; the format follows the extension (wav, flac, ogg, mp3).")
-@click.option("--steps", default=10, show_default=True, type=click.IntRange(1, 100), help="Diffusion steps.")
-@click.option("--cfg-scale", default=1.3, show_default=True, type=float, help="Classifier-free guidance scale.")
+@click.option("--steps", type=click.IntRange(1, 100), help="Diffusion steps (default: the model's, else 10).")
+@click.option("--cfg-scale", type=float, help="Classifier-free guidance scale (default: the model's, else 1.3).")
 @click.option("--seed", type=int, help="Seed for reproducible output.")
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0),
               help="0: greedy token choice (the original); above 0: sample among the control tokens.")
@@ -108,8 +124,8 @@ def _read_script(text, file):
 @click.option("--tokenizer", help="Tokenizer folder or repo id, when the model folder has none.")
 @click.option("--force", is_flag=True, help="Overwrite the output file (and saved voices).")
 @click.option("--play", is_flag=True, help="Play while generating (needs: pip install 'vibevoice-mlx[play]').")
-def say(text, file, model, voices, save_voices, output, steps, cfg_scale, seed, temperature, top_p, max_seconds,
-        backend, device, dtype, attention, tokenizer, force, play):
+@click.pass_context
+def say(ctx, text, file, model, voices, save_voices, output, force, play, **options):
     """Speak TEXT (or --file) into an audio file, writing it as the audio is produced."""
     from pathlib import Path
 
@@ -119,51 +135,49 @@ def say(text, file, model, voices, save_voices, output, steps, cfg_scale, seed, 
     script = _read_script(text, file)
     out = Path(output)
     # Everything that can be checked before loading the model is, so bad input never leaves a file behind.
-    try:
+    with user_errors():
         parse_script(script)
         output_format(out)
-    except ValueError as e:
-        raise UserError(str(e))
     if out.exists() and not force:
-        raise UserError(f"{out} already exists; pass --force to overwrite it.")
+        raise CLIError(f"{out} already exists; pass --force to overwrite it.")
     if len(save_voices) > len(voices):
-        raise UserError(f"{len(save_voices)} --save-voice paths for {len(voices)} --voice files: give one per voice.")
+        raise CLIError(f"{len(save_voices)} --save-voice paths for {len(voices)} --voice files: give one per voice.")
     for v in voices:
         if not Path(v).is_file():
-            raise UserError(f"Voice file not found: {v}")
-    _run_say(script, model, voices, save_voices, out, steps, cfg_scale, seed, temperature, top_p, max_seconds,
-             backend, device, dtype, attention, tokenizer, force, play)
+            raise CLIError(f"Voice file not found: {v}")
+    with user_errors():
+        _run_say(script, out, model=model, voices=list(voices), save_voices=list(save_voices), force=force,
+                 play=play, quiet=ctx.obj["quiet"], **options)
 
 
-def _run_say(script, model, voices, save_voices, out, steps, cfg_scale, seed, temperature, top_p, max_seconds,
-             backend, device, dtype, attention, tokenizer, force, play):
+def _run_say(script, out, *, model, voices, save_voices, force, play, quiet, backend, device, dtype, attention,
+             tokenizer, **generate_options):
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     from . import generation as gen
-    from .audio import AudioWriter, load_audio, normalize_voice, save_voice
-    from .loader import LoadError, load
+    from .audio import AudioWriter
+    from .convert.cache import model_folder
+    from .loader import load
+    from .voices import encode_voices, save_voice
 
-    try:
-        pipe = load(model, backend=backend, device=device, dtype=dtype, tokenizer=tokenizer, attention=attention)
-    except (LoadError, ValueError, FileNotFoundError) as e:
-        raise UserError(str(e))
+    folder = model_folder(model, dtype=dtype, tokenizer=tokenizer) if backend == "mlx" else model
+    pipe = load(folder, backend=backend, device=device, dtype=dtype, tokenizer=tokenizer, attention=attention)
+    options = {k: v for k, v in generate_options.items() if v is not None}
     voice_inputs = list(voices)
-    for i, target in enumerate(save_voices):
-        audio = normalize_voice(load_audio(voices[i]))
-        latents = gen.voice_latents(pipe, audio)
-        try:
-            save_voice(target, latents, {"num_samples": len(audio), "model": pipe.folder.name,
-                                         "hop": pipe.hop_length}, force=force)
-        except FileExistsError as e:
-            raise UserError(str(e))
-        click.echo(f"Saved voice {voices[i]} -> {target}", err=True)
+    if save_voices:
+        # Encode once, as the run does (one padded batch), so a saved voice holds exactly what this run uses.
+        latents = encode_voices(pipe, voice_inputs)
+        for i, target in enumerate(save_voices):
+            save_voice(pipe, voices[i], target, force=force, latents=latents[i])
+            click.echo(f"Saved voice {voices[i]} -> {target}", err=True)
+        voice_inputs = latents
     player = _player() if play else None
-    bar = tqdm(unit="frame", desc="Generating", dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(unit="frame", desc="Generating", dynamic_ncols=True, file=sys.stderr, disable=quiet or None)
     last, writer = None, None
     try:
-        with AudioWriter(out, force=force) as writer:
-            for r in gen.stream_generate(pipe, script, voice_inputs, steps=steps, cfg_scale=cfg_scale, seed=seed,
-                                         temperature=temperature, top_p=top_p, max_seconds=max_seconds):
+        with logging_redirect_tqdm(), AudioWriter(out, force=force) as writer:
+            for r in gen.stream_generate(pipe, script, voice_inputs, **options):
                 if r.audio.size:
                     writer.write(r.audio)
                     if player is not None:
@@ -173,10 +187,10 @@ def _run_say(script, model, voices, save_voices, out, steps, cfg_scale, seed, te
                     if not r.is_pause:
                         bar.update(1)
                 last = r
-    except ValueError as e:
+    except UserError:
         if writer is not None and writer.frames == 0:
             out.unlink(missing_ok=True)  # nothing was made: leave nothing behind
-        raise UserError(str(e))
+        raise
     finally:
         bar.close()
         if player is not None:
@@ -192,11 +206,13 @@ def _run_say(script, model, voices, save_voices, out, steps, cfg_scale, seed, te
 
 
 def _player():
+    from .constants import SAMPLE_RATE
+
     try:
         import sounddevice
     except (ImportError, OSError):
-        raise UserError("--play needs the audio output extra: pip install 'vibevoice-mlx[play]'")
-    stream = sounddevice.OutputStream(samplerate=24000, channels=1, dtype="float32")
+        raise CLIError("--play needs the audio output extra: pip install 'vibevoice-mlx[play]'")
+    stream = sounddevice.OutputStream(samplerate=SAMPLE_RATE, channels=1, dtype="float32")
     stream.start()
     return stream
 
@@ -227,19 +243,33 @@ def bench(model, backends, dtype, frames, runs, warmup, steps, cfg_scale, voice_
     names = [n.strip() for n in backends.split(",") if n.strip()]
     bad = [n for n in names if n not in ("mlx", "torch")]
     if bad or not names:
-        raise UserError(f"Unknown backend(s) {bad or backends!r}: use mlx, torch or mlx,torch.")
+        raise CLIError(f"Unknown backend(s) {bad or backends!r}: use mlx, torch or mlx,torch.")
     click.echo(f"machine: {b.machine()}")
+    from .blas import describe as describe_blas
+
+    click.echo(f"BLAS: {describe_blas()}")
     click.echo(f"model: {model}; {frames} frames x {runs} runs after {warmup} warm-up frames; {steps} steps, "
                f"cfg {cfg_scale}; voice {voice_seconds:g} s" + ("; forced frames" if force_frames else ""))
     results = []
     for name in names:
-        r = b.run_backend(model, name, dtype, script or b.DEFAULT_SCRIPT, voice_seconds, frames, runs, warmup,
-                          steps, cfg_scale, force_frames, tokenizer)
+        with user_errors():
+            r = b.run_backend(model=model, backend=name, dtype=dtype, script=script or b.DEFAULT_SCRIPT,
+                              voice_seconds=voice_seconds, frames=frames, runs=runs, warmup=warmup, steps=steps,
+                              cfg_scale=cfg_scale, force_frames=force_frames, tokenizer=tokenizer)
         results.append(r)
         click.echo(b.format_results([r]))
     if len(results) > 1:
         click.echo(b.format_results(results).splitlines()[-1])
 
+
+def _register_extras():
+    """Commands that live with their own part of the package."""
+    from .comfyui.install import comfyui
+
+    main.add_command(comfyui)
+
+
+_register_extras()
 
 if __name__ == "__main__":
     main()

@@ -6,7 +6,7 @@ Attribute names follow the original checkpoint under `model.prediction_head.`, s
 import logging
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import List
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -132,22 +132,11 @@ class DiffusionHead(nn.Module):
         self.t_embedder = TimestepEmbedder(cfg.hidden_size, cfg.frequency_embedding_size)
         self.layers = [HeadLayer(cfg) for _ in range(cfg.head_layers)]
         self.final_layer = FinalLayer(cfg)
-        # Keys starting with "_" are not parameters in MLX; see `timestep_embeddings`.
-        self._t_cache: Dict[tuple, mx.array] = {}
 
     @property
     def dtype(self) -> mx.Dtype:
         """The compute dtype: the weights' dtype (the scales' for a quantized layer)."""
         return _compute_dtype(self.cond_proj)
-
-    def update(self, parameters: dict, strict: bool = True) -> "DiffusionHead":
-        # New weights (load_weights, set_dtype, apply) make cached timestep embeddings stale.
-        self._t_cache = {}
-        return super().update(parameters, strict=strict)
-
-    def update_modules(self, modules: dict, strict: bool = True) -> "DiffusionHead":
-        self._t_cache = {}  # nn.quantize swaps modules through here
-        return super().update_modules(modules, strict=strict)
 
     def __call__(self, x: mx.array, t: mx.array, condition: mx.array) -> mx.array:
         """Reference forward: x [N, latent], t [N] (exact integer timesteps), condition [N, H] -> v [N, latent].
@@ -162,21 +151,13 @@ class DiffusionHead(nn.Module):
             h = layer(h, c)
         return self.final_layer(h, c)
 
-    def timestep_embeddings(self, timesteps: Sequence[int]) -> mx.array:
-        """[n, H] `t_embedder` outputs for a fixed timestep list, cached: they depend only on the weights."""
-        key = tuple(int(t) for t in timesteps)
-        if key not in self._t_cache:
-            emb = self.t_embedder(key)
-            mx.eval(emb)
-            self._t_cache[key] = emb
-        return self._t_cache[key]
-
-    def modulations(self, condition: mx.array, timesteps: Sequence[int]) -> List[mx.array]:
+    def modulations(self, condition: mx.array, t_embeddings: mx.array) -> List[mx.array]:
         """adaLN outputs of every layer for every step: condition [B, H] -> per layer [n, B, 3H] (final: 2H).
 
-        cond_proj runs once, and each adaLN weight is read once for all n steps instead of once per step.
+        `t_embeddings` [n, H] are `t_embedder(timesteps)` of the schedule (a constant per step count). cond_proj
+        runs once, and each adaLN weight is read once for all n steps instead of once per step.
         """
-        c = self.cond_proj(condition.astype(self.dtype))[None] + self.timestep_embeddings(timesteps)[:, None]
+        c = self.cond_proj(condition.astype(self.dtype))[None] + t_embeddings[:, None]
         c = nn.silu(c)
         mods = [layer.adaLN_modulation[1](c) for layer in self.layers]
         return mods + [self.final_layer.adaLN_modulation[1](c)]

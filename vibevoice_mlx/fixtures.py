@@ -23,11 +23,12 @@ import zlib
 from pathlib import Path
 from typing import Dict, Iterable, Optional
 
-from .convert.keys import transformers_to_original
-from .convert.layouts import hop_length, to_transformers_config
+from .checkpoint import hop_length, to_transformers_config
+from .constants import DEFAULT_CFG_SCALE, DEFAULT_STEPS, SAMPLE_RATE, TOKEN_STRINGS
+from .keys import transformers_to_original
 
-# Special tokens of the Qwen2.5 vocabulary that VibeVoice uses (architecture.md §5.1), in id order.
-SPECIAL_TOKENS = ["<|endoftext|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>"]
+# The special tokens VibeVoice uses (architecture.md §5.1), in the id order of the Qwen2.5 vocabulary.
+SPECIAL_TOKENS = [TOKEN_STRINGS[r] for r in ("eos", "speech_start", "speech_end", "speech_diffusion", "pad")]
 
 TINY_TOKENIZER = {
     "channels": 1,
@@ -155,7 +156,7 @@ def _tensor_specs(normalized: Dict):
     specs = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
     if normalized["tie_word_embeddings"]:
         specs = [(k, s) for k, s in specs if k != "lm_head.weight"]
-    return specs, config
+    return specs
 
 
 def random_tensor(key: str, shape, seed: int):
@@ -246,6 +247,59 @@ def build_tokenizer(out: Path, size: str = "tiny") -> Path:
     return out
 
 
+def _transformers_files(folder: Path, normalized: Dict, dtype: str, tok_dir: Optional[Path]) -> None:
+    """config.json, generation_config.json and the tokenizer of a transformers-layout folder (as the -hf repos)."""
+    from transformers import VibeVoiceConfig
+
+    cfg = VibeVoiceConfig(**to_transformers_config(normalized)).to_dict()
+    cfg["architectures"] = ["VibeVoiceForConditionalGeneration"]
+    cfg["dtype"] = dtype
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    gen = {"guidance_scale": DEFAULT_CFG_SCALE, "num_diffusion_steps": DEFAULT_STEPS, "noise_scheduler_class":
+           "DPMSolverMultistepScheduler", "noise_scheduler_config":
+           {"beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction"}}
+    (folder / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    if tok_dir is not None:
+        for f in sorted(Path(tok_dir).iterdir()):
+            shutil.copy(f, folder / f.name)
+
+
+def transformers_layout(original: Path, out: Path, tokenizer: Optional[Path] = None, dtype: str = "float32") -> Path:
+    """The transformers 5.x layout of an original-layout checkpoint, without torch: the same tensors renamed by
+    the key table, shard by shard, and the transformers config (float32 checkpoints: numpy reads no bfloat16).
+    Equals what `build` writes for that layout byte
+    for byte (parity_tests/test_fixtures.py), so tests without torch can use a committed original folder."""
+    from safetensors.numpy import load_file, save_file
+
+    from .checkpoint import normalize_config
+    from .keys import ORIGINAL, original_to_transformers
+
+    original, out = Path(original), Path(out)
+    raw = json.loads((original / "config.json").read_text())
+    normalized = normalize_config(raw, ORIGINAL)
+    if tokenizer is not None:  # Microsoft's config names no token ids; the transformers one does
+        from transformers import AutoTokenizer
+
+        from .constants import CONTROL_ROLES
+        from .processor import SpecialTokens
+
+        tokens = SpecialTokens.from_tokenizer(AutoTokenizer.from_pretrained(str(tokenizer)))
+        normalized["token_ids"] = {role: getattr(tokens, role) for role in CONTROL_ROLES}
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for shard in sorted(original.glob("*.safetensors")):
+        tensors = {original_to_transformers(k): v for k, v in load_file(str(shard)).items()}
+        save_file(tensors, str(out / shard.name), metadata={"format": "pt"})
+    index = original / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"] = dict(sorted((original_to_transformers(k), v) for k, v in data["weight_map"].items()))
+        (out / index.name).write_text(json.dumps(data, indent=2) + "\n")
+    _transformers_files(out, normalized, dtype, tokenizer)
+    return out
+
+
 def build(out: Path, size: str = "tiny", layouts=("original", "transformers"), seed: int = 0,
           dtype: str = "float32", max_shard_bytes: int = 2 * 1024**3, tie: Optional[bool] = None,
           tokenizer: bool = True) -> Dict[str, Path]:
@@ -257,7 +311,7 @@ def build(out: Path, size: str = "tiny", layouts=("original", "transformers"), s
         normalized = copy.deepcopy(normalized)
         normalized["tie_word_embeddings"] = tie
         normalized["decoder_config"]["tie_word_embeddings"] = tie
-    specs, tf_config = _tensor_specs(normalized)
+    specs = _tensor_specs(normalized)
     torch_dtype = getattr(torch, dtype)
     out = Path(out)
     folders = {}
@@ -283,23 +337,13 @@ def build(out: Path, size: str = "tiny", layouts=("original", "transformers"), s
                 "speech_tok_compress_ratio": hop_length(normalized),
                 "db_normalize": True,
                 "audio_processor": {"feature_extractor_type": "VibeVoiceTokenizerProcessor",
-                                    "sampling_rate": 24000, "normalize_audio": True, "target_dB_FS": -25,
+                                    "sampling_rate": SAMPLE_RATE, "normalize_audio": True, "target_dB_FS": -25,
                                     "eps": 1e-6},
                 "language_model_pretrained_name": "Qwen/Qwen2.5-1.5B" if size != "7b" else "Qwen/Qwen2.5-7B",
             }
             (folder / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
         else:
-            cfg = tf_config.to_dict()
-            cfg["architectures"] = ["VibeVoiceForConditionalGeneration"]
-            cfg["dtype"] = dtype
-            (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-            gen = {"guidance_scale": 1.3, "num_diffusion_steps": 10, "noise_scheduler_class":
-                   "DPMSolverMultistepScheduler", "noise_scheduler_config":
-                   {"beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction"}}
-            (folder / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-            if tok_dir is not None:
-                for f in tok_dir.iterdir():
-                    shutil.copy(f, folder / f.name)
+            _transformers_files(folder, normalized, dtype, tok_dir)
         folders[layout] = folder
     if tok_dir is not None:
         folders["tokenizer"] = tok_dir

@@ -10,6 +10,8 @@ import re
 from pathlib import Path
 from typing import List, Optional
 
+from .errors import UserError
+
 logger = logging.getLogger(__name__)
 
 TOKENIZER_PATTERNS = [
@@ -35,7 +37,7 @@ PICKLE_PATTERNS = ["*.bin", "*.bin.index.json", "*.pt"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9_][\w.\-]*(/[A-Za-z0-9_][\w.\-]*)?$")
 
 
-class HubError(ValueError):
+class HubError(UserError):
     """A model argument that is neither a local folder nor an available hub repo; the message says the fix."""
 
 

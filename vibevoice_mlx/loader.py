@@ -1,27 +1,24 @@
-"""One loader for raw PyTorch folders (either layout), converted MLX folders and quantized ones."""
+"""Loading: one loader for raw PyTorch folders (either layout), converted MLX folders and quantized ones, and the
+pipeline `load` returns (a backend, the tokenizer and its control tokens, the config, the generation defaults)."""
 
-import glob
-import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
-from dataclasses import dataclass
-from typing import Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 
-from .convert.keys import to_original
-from .convert.layouts import detect_layout
+from .checkpoint import MLX, Checkpoint, LoadError, check_weights, read_checkpoint, read_weights
+from .constants import SAMPLE_RATE, mlx_dtype
+from .errors import UserError
+from .keys import to_original
 from .model import Model, ModelConfig
+from .processor import SpecialTokens
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
-
-
-class LoadError(ValueError):
-    """A model folder that cannot be loaded as it is; the message says what to do."""
+BACKENDS = ("mlx", "torch")
 
 
 def default_dtype() -> mx.Dtype:
@@ -29,56 +26,8 @@ def default_dtype() -> mx.Dtype:
     return mx.float16 if mx.default_device() == mx.gpu else mx.float32
 
 
-def read_weights(folder: Path) -> Tuple[Dict[str, mx.array], str]:
-    """All safetensors of a folder, and their format ("mlx" for converted folders, else "pt")."""
-    files = sorted(glob.glob(str(folder / "*.safetensors")))
-    if not files:
-        if glob.glob(str(folder / "*.bin")) or glob.glob(str(folder / "*.pt")):
-            raise LoadError(
-                f"{folder} holds pickled PyTorch weights only: convert them first with "
-                f"`vibevoice-mlx convert --model {folder} --mlx-path <out> --allow-pickle`."
-            )
-        raise LoadError(f"No *.safetensors files in {folder}.")
-    weights, fmt = {}, None
-    for f in files:
-        try:
-            w, meta = mx.load(f, return_metadata=True)
-        except Exception as e:  # mlx raises plain RuntimeError/ValueError on a damaged file
-            raise LoadError(f"Cannot read {f}: {e}. The file is damaged or truncated: download or convert again.")
-        fmt = fmt or (meta or {}).get("format", "pt")
-        weights.update(w)
-    return weights, fmt
-
-
-def load_config(folder: Path) -> Dict:
-    path = folder / "config.json"
-    if not path.exists():
-        raise LoadError(f"No config.json in {folder}: point --model at a VibeVoice model folder.")
-    return json.loads(path.read_text())
-
-
-def check_weights(model: nn.Module, weights: Dict[str, mx.array]) -> None:
-    """Strict: every parameter present with its shape, nothing extra. Errors name the tensors."""
-    expected = dict(tree_flatten(model.parameters()))
-    missing = sorted(set(expected) - set(weights))
-    extra = sorted(set(weights) - set(expected))
-    shapes = [
-        f"{k} {tuple(weights[k].shape)} (expected {tuple(expected[k].shape)})"
-        for k in expected
-        if k in weights and tuple(weights[k].shape) != tuple(expected[k].shape)
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:5])}")
-    if extra:
-        problems.append(f"unexpected {len(extra)} tensor(s): {', '.join(extra[:5])}")
-    if shapes:
-        problems.append(f"wrong shape: {', '.join(shapes[:5])}")
-    if problems:
-        raise LoadError("Checkpoint does not match the model config: " + "; ".join(problems) + ".")
-
-
 def cast_weights(model: Model, weights: Dict[str, mx.array], dtype: mx.Dtype) -> Dict[str, mx.array]:
+    """The dtype policy at load: `model.cast_predicate` says what stays float32, the rest takes `dtype`."""
     out = {}
     for k, v in weights.items():
         floating = mx.issubdtype(v.dtype, mx.floating)
@@ -90,19 +39,9 @@ def cast_weights(model: Model, weights: Dict[str, mx.array], dtype: mx.Dtype) ->
     return out
 
 
-def load_model(
-    path: Union[str, Path], dtype: Optional[Union[str, mx.Dtype]] = None, revision: Optional[str] = None
-) -> Tuple[Model, Path]:
-    """Load a VibeVoice model from a converted MLX folder, a raw PyTorch folder (either layout) or a hub id.
-
-    `dtype` (float16 / bfloat16 / float32) defaults to float16 on a GPU and float32 on the CPU; the tensors that
-    architecture.md §8 keeps in float32 stay float32 whatever it is. Returns (model, local folder).
-    """
-    folder = resolve_folder(path, revision)
-    raw_config = load_config(folder)
-    config = ModelConfig.from_dict(raw_config)  # an unsupported config fails here, before reading weights
-    weights, fmt = read_weights(folder)
-    layout = "mlx" if fmt == "mlx" else detect_layout(raw_config)
+def build_model(ckpt: Checkpoint, config: ModelConfig, dtype: Optional[Union[str, mx.Dtype]] = None) -> Model:
+    """The MLX model of a checkpoint already read, with its weights loaded strictly."""
+    weights, _ = read_weights(ckpt.folder)
     model = Model(config)
     if config.quantization:
         q = config.quantization
@@ -111,19 +50,29 @@ def load_model(
             # Measured here: a 4-bit 3584x18944 layer over 150 tokens takes 9.1 s on the CPU backend (float32:
             # 0.12 s); quantization pays off on Apple GPUs, not on MLX's CPU backend.
             logger.warning("%s has a %d-bit language model; MLX's CPU backend runs quantized matmuls very slowly. "
-                           "On a CPU, convert without -q instead.", folder, q["bits"])
-    if layout != "mlx":
-        weights = to_original(weights, layout)
-    weights = model.sanitize(weights, layout)
+                           "On a CPU, convert without -q instead.", ckpt.folder, q["bits"])
+    if ckpt.layout != MLX:
+        weights = to_original(weights, ckpt.layout)
+    weights = model.sanitize(weights, ckpt.layout)
     check_weights(model, weights)
-    if isinstance(dtype, str):
-        dtype = DTYPES[dtype]
-    weights = cast_weights(model, weights, dtype or default_dtype())
-    model.load_weights(list(weights.items()), strict=True)
+    dtype = mlx_dtype(dtype) if dtype is not None else default_dtype()
+    model.load_weights(list(cast_weights(model, weights, dtype).items()), strict=True)
     mx.eval(model.parameters())
     model.eval()
-    logger.info("Loaded %s (%s layout) as %s", folder, layout, dtype or default_dtype())
-    return model, folder
+    logger.info("Loaded %s (%s layout) as %s", ckpt.folder, ckpt.layout, dtype)
+    return model
+
+
+def load_model(path: Union[str, Path], dtype: Optional[Union[str, mx.Dtype]] = None,
+               revision: Optional[str] = None) -> Tuple[Model, Path]:
+    """Load a VibeVoice model from a converted MLX folder, a raw PyTorch folder (either layout) or a hub id.
+
+    `dtype` (float16 / bfloat16 / float32) defaults to float16 on a GPU and float32 on the CPU; the tensors that
+    architecture.md §8 keeps in float32 stay float32 whatever it is. Returns (model, local folder).
+    """
+    ckpt = read_checkpoint(resolve_folder(path, revision))
+    config = ModelConfig.from_normalized(ckpt.normalized, ckpt.quantization)  # fails before reading weights
+    return build_model(ckpt, config, dtype), ckpt.folder
 
 
 def resolve_folder(path: Union[str, Path], revision: Optional[str] = None) -> Path:
@@ -136,20 +85,25 @@ def resolve_folder(path: Union[str, Path], revision: Optional[str] = None) -> Pa
     return Path(resolve(str(path), revision=revision))
 
 
-# --- the pipeline: model + tokenizer + control tokens ---------------------------------------------------------
+# --- the pipeline: backend + tokenizer + control tokens ---------------------------------------------------------
 
 
 @dataclass
 class VibeVoice:
-    """A loaded model ready for `generate`: the model (MLX or PyTorch), its tokenizer and control tokens."""
+    """A loaded model ready for `generate`: the backend that runs it, its tokenizer and control tokens."""
 
-    model: object
-    tokenizer: object
-    tokens: object
-    backend: str
+    backend: Any  # backend.Backend: engine.MLXBackend or torch_backend.TorchBackend
+    tokenizer: Any
+    tokens: SpecialTokens
     folder: Path
     config: ModelConfig
-    sample_rate: int = 24000
+    defaults: Dict[str, Any] = field(default_factory=dict)  # steps / cfg_scale from generation_config.json
+    sample_rate: int = SAMPLE_RATE
+
+    @property
+    def model(self):
+        """The backend's model (MLX `Model` or transformers' PyTorch model)."""
+        return self.backend.model
 
     @property
     def hop_length(self) -> int:
@@ -172,16 +126,11 @@ def load_tokenizer(folder: Path, tokenizer: Optional[Union[str, Path]] = None):
         source = folder
     else:
         source = resolve_folder(tokenizer)
-    return AutoTokenizer.from_pretrained(str(source))
-
-
-def cached_conversion(repo: str, revision: Optional[str], dtype: str) -> Path:
-    """Where a hub PyTorch checkpoint converted for `say` lives (converted once, then reused)."""
-    import os
-
-    root = Path(os.environ.get("VIBEVOICE_MLX_CACHE", Path.home() / ".cache" / "vibevoice-mlx"))
-    name = repo.replace("/", "--") + (f"--{revision}" if revision else "") + f"--{dtype}"
-    return root / "models" / name
+    try:
+        return AutoTokenizer.from_pretrained(str(source))
+    except (OSError, ValueError) as e:  # a damaged tokenizer.json surfaces as either
+        raise LoadError(f"Cannot load the tokenizer in {source} ({str(e).splitlines()[0]}): download or convert "
+                        "the model again, or pass --tokenizer.") from None
 
 
 def load(
@@ -192,52 +141,40 @@ def load(
     tokenizer: Optional[Union[str, Path]] = None,
     revision: Optional[str] = None,
     attention: str = "auto",
+    max_batch: int = 8,
 ) -> VibeVoice:
     """Load a VibeVoice model for generation.
 
     path_or_repo: a converted MLX folder, a PyTorch checkpoint folder (original or transformers layout) or a hub
-    repo id. With backend="mlx", a hub PyTorch checkpoint is converted once into ~/.cache/vibevoice-mlx (or
-    $VIBEVOICE_MLX_CACHE) and reused. backend="torch" runs transformers' VibeVoice (MPS, CUDA or CPU; `device`).
-    dtype: float16 / bfloat16 / float32; default float16 on a GPU, float32 on the CPU (torch: float16 on MPS,
-    bfloat16 on CUDA). attention (torch backend): auto, sdpa or eager.
+    repo id. backend="torch" runs transformers' VibeVoice (MPS, CUDA or CPU; `device`). dtype: float16 /
+    bfloat16 / float32; default float16 on a GPU, float32 on the CPU (torch: float16 on MPS, bfloat16 on CUDA).
+    attention (torch backend): auto, sdpa or eager. max_batch (MLX): scripts generated together at most.
     """
-    from .processor import SpecialTokens
-
-    if backend not in ("mlx", "torch"):
+    if backend not in BACKENDS:
         raise LoadError(f"Unknown backend {backend!r}: choose 'mlx' or 'torch'.")
-    folder = resolve_folder(path_or_repo, revision)
-    raw_config = load_config(folder)
-    config = ModelConfig.from_dict(raw_config)
+    ckpt = read_checkpoint(resolve_folder(path_or_repo, revision))
+    config = ModelConfig.from_normalized(ckpt.normalized, ckpt.quantization)
+    tok = load_tokenizer(ckpt.folder, tokenizer)
+    try:
+        tokens = SpecialTokens.from_tokenizer(tok, config.token_ids)
+    except ValueError as e:
+        raise LoadError(str(e)) from None
     if backend == "torch":
-        from .torch_backend import load_torch_model
+        from .torch_engine import TorchBackend
 
-        model = load_torch_model(folder, device=device, dtype=dtype or "auto", attention=attention,
-                                 tokenizer_path=resolve_folder(tokenizer) if tokenizer else None)
+        engine = TorchBackend.load(ckpt, config, tokens, device=device, dtype=dtype or "auto", attention=attention)
     else:
-        is_raw = not _is_converted(folder)
-        if is_raw and not Path(path_or_repo).expanduser().is_dir():
-            from .convert.convert import convert
+        from .engine import MLXBackend
 
-            target = cached_conversion(str(path_or_repo), revision, dtype or "float16")
-            if not target.exists():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                logger.warning("Converting %s to MLX once, into %s", path_or_repo, target)
-                convert(str(path_or_repo), target, dtype=dtype or "float16", revision=revision,
-                        tokenizer=tokenizer)
-            folder = target
-        model, folder = load_model(folder, dtype=dtype)
-    tok = load_tokenizer(folder, tokenizer)
-    tokens = SpecialTokens.from_tokenizer(tok, config.token_ids)
-    if backend == "mlx":
-        model.keep_head_rows(tokens.control_ids)
-    return VibeVoice(model=model, tokenizer=tok, tokens=tokens, backend=backend, folder=folder, config=config)
+        engine = MLXBackend(build_model(ckpt, config, dtype), tokens, max_batch=max_batch)
+    return VibeVoice(backend=engine, tokenizer=tok, tokens=tokens, folder=ckpt.folder, config=config,
+                     defaults=dict(ckpt.generation))
 
 
-def _is_converted(folder: Path) -> bool:
-    files = sorted(glob.glob(str(folder / "*.safetensors")))
-    if not files:
-        return False
-    from safetensors import safe_open
-
-    with safe_open(files[0], framework="numpy") as f:
-        return (f.metadata() or {}).get("format") == "mlx"
+def require_torch() -> None:
+    """A clear error, not a traceback, when the PyTorch extra is missing."""
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        raise UserError("The torch backend needs the PyTorch extra: pip install 'vibevoice-mlx[torch]'.") from None

@@ -2,21 +2,23 @@
 
 Attribute names equal the original Microsoft checkpoint keys (`model.language_model.*`,
 `model.acoustic_tokenizer.*`, `model.prediction_head.*`, ...), so an original checkpoint loads with no renaming
-and the transformers layout goes through the one table in `convert/keys.py`.
+and the transformers layout goes through the one table in `keys.py`.
 """
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
+from mlx_lm.models import qwen2
 
 from . import backbone
 from .audio_tokenizer import AcousticTokenizer, SemanticTokenizer, TokenizerConfig
-from .convert.keys import mlx_transpose
-from .convert.layouts import normalize_config
 from .diffusion_head import DiffusionHead, DiffusionHeadConfig
+from .keys import mlx_transpose
+from .scheduler import SchedulerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -26,35 +28,43 @@ _DROP_SUFFIXES = ("rotary_emb.inv_freq",)
 
 @dataclass
 class ModelConfig:
-    decoder_config: Dict[str, Any]
+    """The typed model config, built once per load from the normalized config (`checkpoint.normalize_config`)."""
+
+    decoder_config: qwen2.ModelArgs
     acoustic_tokenizer_config: TokenizerConfig
     semantic_tokenizer_config: TokenizerConfig
     diffusion_head_config: DiffusionHeadConfig
+    scheduler: SchedulerConfig
     acoustic_vae_dim: int = 64
     semantic_vae_dim: int = 128
     tie_word_embeddings: bool = True
     token_ids: Dict[str, int] = field(default_factory=dict)
     quantization: Optional[Dict[str, int]] = None
+    normalized: Dict[str, Any] = field(default_factory=dict, repr=False)  # what it was built from
 
     @classmethod
-    def from_dict(cls, config: Dict[str, Any]) -> "ModelConfig":
-        """From a config.json of either layout or a converted folder (normalized, original field names)."""
-        norm = normalize_config({k: v for k, v in config.items() if k != "quantization"})
+    def from_normalized(cls, norm: Dict[str, Any], quantization: Optional[Dict[str, int]] = None) -> "ModelConfig":
         return cls(
-            decoder_config=norm["decoder_config"],
+            decoder_config=backbone.model_args(norm["decoder_config"]),
             acoustic_tokenizer_config=TokenizerConfig.from_dict(norm["acoustic_tokenizer_config"]),
             semantic_tokenizer_config=TokenizerConfig.from_dict(norm["semantic_tokenizer_config"]),
             diffusion_head_config=DiffusionHeadConfig.from_dict(norm["diffusion_head_config"]),
+            scheduler=SchedulerConfig.from_head_config(norm["diffusion_head_config"]),
             acoustic_vae_dim=norm["acoustic_vae_dim"],
             semantic_vae_dim=norm["semantic_vae_dim"],
             tie_word_embeddings=norm["tie_word_embeddings"],
-            token_ids=norm.get("token_ids", {}),
-            quantization=config.get("quantization"),
+            token_ids=dict(norm.get("token_ids") or {}),
+            quantization=quantization,
+            normalized=norm,
         )
 
     @property
     def hidden_size(self) -> int:
-        return self.decoder_config["hidden_size"]
+        return self.decoder_config.hidden_size
+
+    @property
+    def max_positions(self) -> int:
+        return self.decoder_config.max_position_embeddings or 32768
 
     @property
     def hop_length(self) -> int:
@@ -94,14 +104,14 @@ class Model(nn.Module):
         self.config = config
         self.model = VibeVoiceModel(config)
         if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.decoder_config["vocab_size"], bias=False)
+            self.lm_head = nn.Linear(config.hidden_size, config.decoder_config.vocab_size, bias=False)
 
     # --- weights -------------------------------------------------------------------------------------------
 
     def sanitize(self, weights: Dict[str, mx.array], layout: str) -> Dict[str, mx.array]:
         """Original-named PyTorch weights -> MLX layout. `layout` is "mlx" for a converted folder (no transposes).
 
-        Conv weights are transposed by key name (convert/keys.py), never by shape. A tied 1.5B checkpoint may store
+        Conv weights are transposed by key name (keys.py), never by shape. A tied 1.5B checkpoint may store
         a copy of the embeddings as lm_head.weight: the head is always the embedding matrix then, so it is dropped.
         """
         out = {}
@@ -120,8 +130,9 @@ class Model(nn.Module):
 
     @staticmethod
     def cast_predicate(key: str) -> bool:
-        """False for tensors that stay float32 whatever the model dtype (architecture.md §8): the latent scaling
-        scalars and the tokenizer layer scales (init 1e-6, at risk of float16 underflow)."""
+        """The one dtype policy, applied alike on disk (convert) and in memory (load): False for the tensors that
+        stay float32 whatever the model dtype (architecture.md §8), the latent scaling scalars and the tokenizer
+        layer scales (init 1e-6, at risk of float16 underflow)."""
         leaf = key.rsplit(".", 1)[-1]
         return not (key.startswith("model.speech_") or leaf in ("gamma", "ffn_gamma"))
 
@@ -139,31 +150,29 @@ class Model(nn.Module):
     def embed_tokens(self, ids: mx.array) -> mx.array:
         return self.model.language_model.embed_tokens(ids)
 
-    def head_rows(self, ids) -> mx.array:
+    def head_rows(self, ids: Sequence[int]) -> mx.array:
         """The lm_head rows of `ids` in float32: only the control tokens are ever scored (architecture.md §6.3)."""
-        ids = tuple(int(i) for i in ids)
-        kept = self.__dict__.get("_kept_head_rows")
-        if kept is not None:
-            if ids != kept[0]:
-                raise ValueError(f"only the lm_head rows of {kept[0]} were kept; {ids} were asked for")
-            return kept[1]
+        ids = mx.array([int(i) for i in ids])
         if self.config.tie_word_embeddings:
-            w = self.model.language_model.embed_tokens(mx.array(ids))
+            w = self.model.language_model.embed_tokens(ids)
         else:
-            w = self.lm_head.weight[mx.array(ids)]
+            w = self.lm_head.weight[ids]
         return w.astype(mx.float32)
 
-    def keep_head_rows(self, ids) -> None:
-        """Keep only the control tokens' rows of an untied lm_head (7B: frees 1.1 GB of float16 weights).
-
-        Generation never scores another token, so the rest of the matrix is dead weight once loaded.
-        """
-        if self.config.tie_word_embeddings or "lm_head" not in self:
-            return
-        rows = self.head_rows(ids)
-        mx.eval(rows)
-        self.__dict__["_kept_head_rows"] = (tuple(int(i) for i in ids), rows)
-        del self.lm_head
+    def prompt_embeddings(self, input_ids: Sequence[int], speech_mask: Sequence[bool],
+                          voice_latents: Sequence[mx.array]) -> mx.array:
+        """[1, T, H] input embeddings of a prompt: token embeddings, with the voice placeholders overwritten by
+        the acoustic connector of the voices' normalized latents (architecture.md §3.3.5, §6.2)."""
+        embeds = self.embed_tokens(mx.array(list(input_ids))[None])
+        if voice_latents:
+            feats = mx.concatenate(list(voice_latents), axis=0).astype(embeds.dtype)
+            voice_embeds = self.model.acoustic_connector(feats)
+            positions = np.flatnonzero(np.asarray(speech_mask))
+            if len(positions) != voice_embeds.shape[0]:
+                raise ValueError(f"prompt has {len(positions)} voice slots but the voices give "
+                                 f"{voice_embeds.shape[0]}")
+            embeds[0, mx.array(positions)] = voice_embeds
+        return embeds
 
     def scale_latents(self, z: mx.array) -> mx.array:
         """Raw acoustic latents -> the normalized space of the LM and diffusion head: (z + bias) * scale."""

@@ -10,22 +10,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+from .constants import CONTROL_ROLES, SAMPLE_RATE, TOKEN_STRINGS
+from .errors import UserError
+
 logger = logging.getLogger(__name__)
 
 SYSTEM_PROMPT = (
     " Transform the text provided by various speakers into speech output, utilizing the distinct voice of each "
     "respective speaker.\n"
 )
-
-# role -> token string. Qwen's vision tokens are reused as speech tokens (architecture.md §5.1).
-TOKEN_STRINGS = {
-    "speech_start": "<|vision_start|>",
-    "speech_end": "<|vision_end|>",
-    "speech_diffusion": "<|vision_pad|>",
-    "eos": "<|endoftext|>",
-    "pad": "<|image_pad|>",
-}
-
 
 @dataclass(frozen=True)
 class SpecialTokens:
@@ -45,12 +38,12 @@ class SpecialTokens:
             i = tokenizer.convert_tokens_to_ids(token)
             if i is None or i == getattr(tokenizer, "unk_token_id", None) or \
                     tokenizer.convert_ids_to_tokens(i) != token:
-                raise ValueError(f"The tokenizer has no {token} token (VibeVoice's {role}); "
+                raise UserError(f"The tokenizer has no {token} token (VibeVoice's {role}); "
                                  "is it the model's Qwen2.5 tokenizer?")
             ids[role] = int(i)
         for role, want in (token_ids or {}).items():
             if role in ids and want is not None and int(want) != ids[role]:
-                raise ValueError(f"Tokenizer and model config disagree on {role} ({TOKEN_STRINGS[role]}): "
+                raise UserError(f"Tokenizer and model config disagree on {role} ({TOKEN_STRINGS[role]}): "
                                  f"tokenizer id {ids[role]}, config id {want}. Use the tokenizer that came with "
                                  "the model.")
         return cls(**ids)
@@ -58,7 +51,7 @@ class SpecialTokens:
     @property
     def control_ids(self) -> Tuple[int, int, int, int]:
         """The only tokens generation may choose from (pitfalls.md item 1)."""
-        return (self.speech_start, self.speech_end, self.speech_diffusion, self.eos)
+        return tuple(getattr(self, role) for role in CONTROL_ROLES)
 
 
 # --- script parsing ---
@@ -77,7 +70,7 @@ class Pause:
 
     seconds: float
 
-    def num_samples(self, sample_rate: int = 24000) -> int:
+    def num_samples(self, sample_rate: int = SAMPLE_RATE) -> int:
         return int(round(self.seconds * sample_rate))
 
 
@@ -102,7 +95,7 @@ def _split_pauses(text: str, line_no: int) -> List[Union[str, Pause]]:
         if m is None:
             end = text.find("]", start.start())
             tag = text[start.start(): end + 1 if end >= 0 else start.start() + 20]
-            raise ValueError(f"Malformed pause tag {tag!r} on line {line_no}: use [pause] (1 s), [pause:500ms] "
+            raise UserError(f"Malformed pause tag {tag!r} on line {line_no}: use [pause] (1 s), [pause:500ms] "
                              "or [pause:1.5s].")
         seconds = 1.0 if m.group(1) is None else float(m.group(1)) / (1000.0 if m.group(2).lower() == "ms" else 1)
         out += [text[pos:m.start()], Pause(seconds)]
@@ -140,7 +133,7 @@ def parse_script(script: str) -> List[ScriptItem]:
         if m:
             speaker, text, new_turn = int(m.group(1)), m.group(2).strip(), True
         elif speaker is None:
-            raise ValueError(f"Line {line_no} has no speaker label and no speaker before it: {piece[:40]!r}. "
+            raise UserError(f"Line {line_no} has no speaker label and no speaker before it: {piece[:40]!r}. "
                              "Start it with 'Speaker N:'.")
         else:
             text, new_turn = piece, not joinable
@@ -160,7 +153,7 @@ def parse_script(script: str) -> List[ScriptItem]:
     items = [it for it in items if not (isinstance(it, Segment) and not it.lines)]
     ids = [s for seg in items if isinstance(seg, Segment) for s, _ in seg.lines]
     if not ids:
-        raise ValueError("The script has no text to speak.")
+        raise UserError("The script has no text to speak.")
     if label_offset(ids):
         for seg in (s for s in items if isinstance(s, Segment)):
             seg.lines = [(s - 1, t) for s, t in seg.lines]
@@ -216,7 +209,7 @@ def build_prompt(tokenizer, lines: Sequence[Tuple[int, str]], voice_frames: Opti
         num_speakers = len({s for s, _ in lines})
     voices = list(voice_frames or [])
     if voices and len(voices) < num_speakers:
-        raise ValueError(f"The script has {num_speakers} speakers but only {len(voices)} voice(s) were given: "
+        raise UserError(f"The script has {num_speakers} speakers but only {len(voices)} voice(s) were given: "
                          "give one voice per speaker, in speaker order, or none.")
     voices = voices[:num_speakers]
     if voices and lines and max(s for s, _ in lines) >= len(voices):
@@ -245,7 +238,7 @@ def build_prompt(tokenizer, lines: Sequence[Tuple[int, str]], voice_frames: Opti
     for speaker, text in lines:
         piece = enc(f" Speaker {speaker}:{text}\n")
         if specials.intersection(piece):
-            raise ValueError(f"Speaker {speaker}'s text contains a special token string such as "
+            raise UserError(f"Speaker {speaker}'s text contains a special token string such as "
                              f"{TOKEN_STRINGS['speech_start']}: {text.strip()[:60]!r}")
         add(piece)
     add(enc(" Speech output:\n"))

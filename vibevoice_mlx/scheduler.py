@@ -7,13 +7,40 @@ Everything here is float32 (σ₀ ≈ 2e4, so σ² overflows fp16); the initial 
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
 
 from .diffusion_head import DiffusionHead
+from .errors import UserError
+
+# diffusers' name of the cosine schedule, as transformers' generation config spells it.
+_BETA_ALIASES = {"cosine": "cosine", "squaredcos_cap_v2": "cosine"}
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The checkpoint's own scheduler fields (diffusion_head_config); only VibeVoice's values are supported."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "cosine"
+    prediction_type: str = "v_prediction"
+
+    def __post_init__(self):
+        if self.beta_schedule not in _BETA_ALIASES:
+            raise UserError(f"Unsupported ddpm_beta_schedule {self.beta_schedule!r} in config.json: VibeVoice "
+                            "uses 'cosine'.")
+        if self.prediction_type != "v_prediction":
+            raise UserError(f"Unsupported prediction_type {self.prediction_type!r} in config.json: VibeVoice "
+                            "uses 'v_prediction'.")
+        if int(self.num_train_timesteps) < 2:
+            raise UserError(f"ddpm_num_steps {self.num_train_timesteps} in config.json must be at least 2.")
+
+    @classmethod
+    def from_head_config(cls, head: Dict[str, Any]) -> "SchedulerConfig":
+        return cls(int(head.get("ddpm_num_steps", 1000)), head.get("ddpm_beta_schedule", "cosine"),
+                   head.get("prediction_type", "v_prediction"))
 
 
 @dataclass(frozen=True)
@@ -28,19 +55,38 @@ class _Step:
     inv_r: float  # h / h0, second order only
 
 
-class DPMSolver:
-    """Deterministic multistep DPM-Solver++ (order 2, midpoint) with the cosine schedule and v-prediction.
+@dataclass(frozen=True)
+class Schedule:
+    """The solver for one step count: its timesteps and per-step constants. A value: build it once with
+    `DPMSolver.schedule(n)` and pass it; the history (previous x0) lives in the caller's loop, so every frame
+    starts fresh, as `set_timesteps` does in the reference."""
 
-    Stateless across frames by construction: the history (previous x0) lives in the caller's loop, so every
-    call of `sample_latent` starts fresh, as `set_timesteps` does in the reference.
-    """
+    timesteps: Tuple[int, ...]
+    plan: Tuple[_Step, ...]
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+    def step(self, v: mx.array, x: mx.array, i: int, prev_x0: Optional[mx.array] = None) -> Tuple[mx.array, mx.array]:
+        """Step i: model output v at x (both float32) -> (next x, this step's x0 for the next call)."""
+        c = self.plan[i]
+        x0 = c.alpha * x - c.sigma * v
+        if c.order == 0:
+            return x0, x0
+        if c.order == 1:
+            return c.ratio * x - c.phi * x0, x0
+        if prev_x0 is None:
+            raise ValueError(f"step {i} of {len(self)} is second order and needs the previous step's x0")
+        d1 = c.inv_r * (x0 - prev_x0)
+        return c.ratio * x - c.phi * x0 - (0.5 * c.phi) * d1, x0
+
+
+class DPMSolver:
+    """Deterministic multistep DPM-Solver++ (order 2, midpoint) with the cosine schedule and v-prediction."""
 
     def __init__(self, num_train_timesteps: int = 1000, beta_schedule: str = "cosine",
                  prediction_type: str = "v_prediction"):
-        if beta_schedule not in ("cosine", "squaredcos_cap_v2"):
-            raise ValueError(f"Unsupported beta_schedule {beta_schedule!r}: VibeVoice uses 'cosine'.")
-        if prediction_type != "v_prediction":
-            raise ValueError(f"Unsupported prediction_type {prediction_type!r}: VibeVoice uses 'v_prediction'.")
+        SchedulerConfig(num_train_timesteps, beta_schedule, prediction_type)  # validates
         self.num_train_timesteps = num_train_timesteps
 
         def alpha_bar(u):
@@ -51,7 +97,10 @@ class DPMSolver:
         # The reference's fp32 cumprod accumulates in double on the CPU; doing the same gives its table bit for bit.
         alphas_cumprod = np.cumprod((1 - betas).astype(np.float64)).astype(np.float32)
         self.train_sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5  # float32 [T]
-        self._plan = lru_cache(maxsize=None)(self._make_plan)
+
+    @classmethod
+    def from_config(cls, config: SchedulerConfig) -> "DPMSolver":
+        return cls(config.num_train_timesteps, config.beta_schedule, config.prediction_type)
 
     def timesteps(self, n: int) -> List[int]:
         """The n timesteps, high to low: round(linspace(0, T-1, n+1)) reversed, without the final 0."""
@@ -69,7 +118,8 @@ class DPMSolver:
         """Solver order of each step: 1 on the first (no history) and the last (σ = 0), else 2."""
         return [1 if i == 0 or i == n - 1 else 2 for i in range(n)]
 
-    def _make_plan(self, n: int) -> Tuple[_Step, ...]:
+    def schedule(self, n: int) -> Schedule:
+        """The timesteps and float32 step constants of an n-step run."""
         f32 = np.float32
         sig = self.sigmas(n)
         alpha = (f32(1) / np.sqrt(sig * sig + f32(1))).astype(f32)
@@ -85,26 +135,12 @@ class DPMSolver:
             phi = f32(alpha[i + 1] * (np.exp(-h) - f32(1)))
             inv_r = float(f32(1) / f32(f32(lam[i] - lam[i - 1]) / h)) if order == 2 else 0.0
             plan.append(_Step(order, float(alpha[i]), float(s[i]), float(f32(s[i + 1] / s[i])), float(phi), inv_r))
-        return tuple(plan)
-
-    def step(self, v: mx.array, x: mx.array, i: int, n: int,
-             prev_x0: Optional[mx.array] = None) -> Tuple[mx.array, mx.array]:
-        """Step i of n: model output v at x (both float32) -> (next x, this step's x0 for the next call)."""
-        c = self._plan(n)[i]
-        x0 = c.alpha * x - c.sigma * v
-        if c.order == 0:
-            return x0, x0
-        if c.order == 1:
-            return c.ratio * x - c.phi * x0, x0
-        if prev_x0 is None:
-            raise ValueError(f"step {i} of {n} is second order and needs the previous step's x0")
-        d1 = c.inv_r * (x0 - prev_x0)
-        return c.ratio * x - c.phi * x0 - (0.5 * c.phi) * d1, x0
+        return Schedule(tuple(self.timesteps(n)), tuple(plan))
 
 
 def sample_latent(head: DiffusionHead, pos_cond: mx.array, neg_cond: mx.array, noise: mx.array,
-                  steps: int = 10, cfg_scale: float = 1.3, solver: Optional[DPMSolver] = None,
-                  fast: bool = True) -> mx.array:
+                  schedule: Schedule, cfg_scale: float, fast: bool = True,
+                  t_embeddings: Optional[mx.array] = None) -> mx.array:
     """Denoise one latent frame with classifier-free guidance (architecture.md §6.5).
 
     pos_cond / neg_cond [N, H]: LM hidden states of the positive and negative branch; noise [N, latent]: the
@@ -113,15 +149,16 @@ def sample_latent(head: DiffusionHead, pos_cond: mx.array, neg_cond: mx.array, n
 
     `fast=True` precomputes every step's adaLN modulations in one pass (§9.3-3), so each step runs only the FFNs
     and the final linear; `fast=False` calls the head as the reference does. Both give the same result.
+    `t_embeddings` ([n, H], `head.t_embedder(schedule.timesteps)`) may be passed in, computed once per schedule.
     """
-    solver = solver or DPMSolver()
-    timesteps = solver.timesteps(steps)
     n = pos_cond.shape[0]
     cond = mx.concatenate([pos_cond, neg_cond], axis=0)
     x = noise.astype(mx.float32)
-    mods = head.modulations(cond, timesteps) if fast else None
+    if fast:
+        t_emb = head.t_embedder(schedule.timesteps) if t_embeddings is None else t_embeddings
+        mods = head.modulations(cond, t_emb)
     x0 = None
-    for i, t in enumerate(timesteps):
+    for i, t in enumerate(schedule.timesteps):
         x2 = mx.concatenate([x, x], axis=0)
         if fast:
             v2 = head.predict(x2, [m[i] for m in mods])
@@ -129,5 +166,5 @@ def sample_latent(head: DiffusionHead, pos_cond: mx.array, neg_cond: mx.array, n
             v2 = head(x2, mx.full((2 * n,), t, dtype=mx.float32), cond)
         v2 = v2.astype(mx.float32)
         v = v2[n:] + cfg_scale * (v2[:n] - v2[n:])
-        x, x0 = solver.step(v, x, i, steps, x0)
+        x, x0 = schedule.step(v, x, i, x0)
     return x

@@ -3,21 +3,39 @@
 import os
 import tempfile
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 
 _BUILT: Dict[tuple, Dict[str, Path]] = {}
+# The committed tiny fixture, where the tests of a source checkout find it.
+COMMITTED_TINY = Path(__file__).resolve().parents[1] / "tests" / "data" / "tiny"
 
 
-def tiny_checkpoint(root: Path = None, seed: int = 0, dtype: str = "float32", tie: bool = None) -> Dict[str, Path]:
-    """Build (once per process and arguments) the tiny fixture in both layouts; returns {layout: folder}."""
-    from .fixtures import build
+def tiny_checkpoint(root: Path = None, seed: int = 0, dtype: str = "float32", tie: bool = None,
+                    committed: Optional[Path] = None) -> Dict[str, Path]:
+    """The tiny fixture in both layouts (once per process and arguments); returns {layout: folder}.
+
+    The default one (seed 0, float32, tied) is copied from `committed` (tests/data/tiny: the original layout and
+    the tokenizer, as `python -m vibevoice_mlx.fixtures` writes them) and its transformers layout derived without
+    torch; other variants are built, which needs the torch extra.
+    """
+    from .fixtures import build, transformers_layout
 
     key = (seed, dtype, tie)
     if key not in _BUILT:
         root = Path(root or tempfile.mkdtemp(prefix="vv-tiny-"))
-        _BUILT[key] = build(root / f"seed{seed}-{dtype}-{tie}", "tiny", seed=seed, dtype=dtype, tie=tie)
+        out = root / f"seed{seed}-{dtype}-{tie}"
+        if key == (0, "float32", None) and committed is not None and Path(committed).is_dir():
+            import shutil
+
+            folders = {name: Path(shutil.copytree(Path(committed) / name, out / name))
+                       for name in ("original", "tokenizer")}
+            folders["transformers"] = transformers_layout(folders["original"], out / "transformers",
+                                                          folders["tokenizer"])
+            _BUILT[key] = folders
+        else:
+            _BUILT[key] = build(out, "tiny", seed=seed, dtype=dtype, tie=tie)
     return _BUILT[key]
 
 

@@ -1,7 +1,7 @@
 """The PyTorch path: transformers' VibeVoice as the reference for parity tests and as a fallback backend.
 
 Device and dtype policy for Apple MPS, CUDA and CPU, loading either checkpoint layout into transformers'
-`VibeVoiceForConditionalGeneration` through the one key table in `convert.keys`, and a generation call whose
+`VibeVoiceForConditionalGeneration` through the one key table in `keys.py`, and a generation call whose
 randomness (per-frame diffusion noise) and token choices can be injected, so the MLX port can be compared with it
 exactly. torch, transformers and diffusers are imported inside the functions: this module imports without them.
 
@@ -21,22 +21,18 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from . import memory
-from .convert.keys import ORIGINAL, TRANSFORMERS, original_to_transformers, transformers_to_original
-from .convert.layouts import detect_layout, normalize_config, to_transformers_config
+from .checkpoint import detect_layout, normalize_config, read_json, to_transformers_config
+from .constants import CONTROL_ROLES, QWEN_TOKEN_IDS, SAMPLE_RATE
+from .errors import MissingPathError, UserError
+from .keys import ORIGINAL, TRANSFORMERS, original_to_transformers, transformers_to_original
 
 logger = logging.getLogger(__name__)
-
-SAMPLE_RATE = 24000
 _DEVICE_NAMES = {"mps": "MPS", "cuda": "CUDA", "cpu": "CPU"}
 _DTYPE_ALIASES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
                   "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
-# Special tokens as Qwen2.5's tokenizer spells them (architecture.md §5.1) and the ids of the real vocabulary.
-_SPECIAL_TOKENS = {"eos": "<|endoftext|>", "speech_start": "<|vision_start|>", "speech_end": "<|vision_end|>",
-                   "speech_diffusion": "<|vision_pad|>"}
-_QWEN_IDS = {"eos": 151643, "speech_start": 151652, "speech_end": 151653, "speech_diffusion": 151654}
 
 
-class WeightLoadError(ValueError):
+class WeightLoadError(UserError):
     """A checkpoint whose tensors do not match the model: names every missing, unexpected or misshaped key."""
 
 
@@ -85,7 +81,7 @@ def resolve_device(device: str = "auto", *, mps_available=None, cuda_available=N
     device = str(device or "auto").lower()
     if device != "auto":
         if _kind(device) not in _DEVICE_NAMES:
-            raise ValueError(f"Unknown device {device!r}: choose auto, mps, cuda or cpu.")
+            raise UserError(f"Unknown device {device!r}: choose auto, mps, cuda or cpu.")
         return device
     if (platform or sys.platform) == "darwin" and _probe(mps_available, _torch_mps_available):
         _log(logging.INFO, "MPS (Metal Performance Shaders) detected - macOS M chip GPU acceleration")
@@ -101,7 +97,7 @@ def resolve_dtype(dtype: str = "auto", device: str = "cpu", *, bf16_supported=No
     name = str(dtype or "auto").lower()
     if name != "auto":
         if name not in _DTYPE_ALIASES:
-            raise ValueError(f"Unknown dtype {dtype!r}: choose auto, float32, float16 or bfloat16.")
+            raise UserError(f"Unknown dtype {dtype!r}: choose auto, float32, float16 or bfloat16.")
         return _DTYPE_ALIASES[name]
     kind = _kind(device)
     if kind == "mps":
@@ -115,7 +111,7 @@ def _attention(attention: str) -> Optional[str]:
     # Only the language model has attention; the tokenizers reject "sdpa", so it is set on text_config alone.
     attention = str(attention or "auto").lower()
     if attention not in ("auto", "sdpa", "eager"):
-        raise ValueError(f"Unknown attention {attention!r}: choose auto, sdpa or eager.")
+        raise UserError(f"Unknown attention {attention!r}: choose auto, sdpa or eager.")
     return None if attention == "auto" else attention
 
 
@@ -123,16 +119,19 @@ def _attention(attention: str) -> Optional[str]:
 
 
 def _special_token_ids(normalized: Dict, folders: Sequence[Path]) -> Dict[str, int]:
-    """Token ids: the transformers config names them; the original layout takes them from the tokenizer."""
+    """Token ids: the transformers config names them; else the first tokenizer folder's (through the one resolver,
+    `processor.SpecialTokens`); else those of the real Qwen2.5 vocabulary."""
     if normalized.get("token_ids"):
         return dict(normalized["token_ids"])
     for folder in folders:
-        tok = Path(folder) / "tokenizer.json"
-        if tok.is_file():
-            added = {t["content"]: t["id"] for t in json.loads(tok.read_text()).get("added_tokens", [])}
-            if all(s in added for s in _SPECIAL_TOKENS.values()):
-                return {role: int(added[s]) for role, s in _SPECIAL_TOKENS.items()}
-    return dict(_QWEN_IDS)
+        if (Path(folder) / "tokenizer.json").is_file():
+            from transformers import AutoTokenizer
+
+            from .processor import SpecialTokens
+
+            tokens = SpecialTokens.from_tokenizer(AutoTokenizer.from_pretrained(str(folder)))
+            return {role: getattr(tokens, role) for role in CONTROL_ROLES}
+    return dict(QWEN_TOKEN_IDS)
 
 
 def _weight_files(folder: Path) -> List[Path]:
@@ -141,7 +140,7 @@ def _weight_files(folder: Path) -> List[Path]:
         return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"No *.safetensors in {folder}: run `vibevoice-mlx convert` on a pickled "
+        raise MissingPathError(f"No *.safetensors in {folder}: run `vibevoice-mlx convert` on a pickled "
                                 "checkpoint first.")
     return files
 
@@ -183,12 +182,12 @@ def _raise_if_bad(folder, missing, unexpected, misshaped) -> None:
         raise WeightLoadError(f"{folder}: the checkpoint does not match its config: {shown}")
 
 
-def _build_original(folder: Path, config: Dict, torch_dtype, attn, tokenizer_path):
+def _build_original(folder: Path, config: Dict, torch_dtype, attn, tokenizer_path, token_ids=None):
     from transformers import VibeVoiceConfig, VibeVoiceForConditionalGeneration
 
     normalized = normalize_config(config, ORIGINAL)
     kwargs = to_transformers_config(normalized)
-    ids = _special_token_ids(normalized, [p for p in (tokenizer_path, folder) if p])
+    ids = dict(token_ids) if token_ids else _special_token_ids(normalized, [p for p in (tokenizer_path, folder) if p])
     vocab = normalized["decoder_config"]["vocab_size"]
     if max(ids.values()) >= vocab:
         raise WeightLoadError(f"{folder}: special token ids {ids} exceed the vocabulary ({vocab}); pass the "
@@ -253,10 +252,10 @@ def _fall_back_to_cpu(model):
 
 
 def load_torch_model(path, device: str = "auto", dtype: str = "auto", attention: str = "auto", *,
-                     tokenizer_path=None):
+                     tokenizer_path=None, token_ids: Optional[Dict[str, int]] = None):
     """Load a local VibeVoice folder of either layout into transformers' `VibeVoiceForConditionalGeneration`.
 
-    The original (Microsoft) layout is renamed with `convert.keys.original_to_transformers` and loaded strictly
+    The original (Microsoft) layout is renamed with `keys.original_to_transformers` and loaded strictly
     (a missing, unexpected or misshaped tensor raises `WeightLoadError` naming it); a tied 1.5B head uses the
     embeddings. Its special-token ids come from `tokenizer.json` in `tokenizer_path` or the folder (else Qwen2.5's).
     The model is loaded on the CPU, then moved to the resolved device; if that fails it stays on the CPU in
@@ -266,8 +265,8 @@ def load_torch_model(path, device: str = "auto", dtype: str = "auto", attention:
 
     folder = Path(path)
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder} has no config.json: point at a local VibeVoice checkpoint folder.")
-    config = json.loads((folder / "config.json").read_text())
+        raise MissingPathError(f"{folder} has no config.json: point at a local VibeVoice checkpoint folder.")
+    config = read_json(folder / "config.json")
     layout = detect_layout(config)
     device = resolve_device(device)
     kind = _kind(device)
@@ -278,7 +277,7 @@ def load_torch_model(path, device: str = "auto", dtype: str = "auto", attention:
     if layout == TRANSFORMERS:
         model = _build_transformers(folder, torch_dtype, attn)
     else:
-        model = _build_original(folder, config, torch_dtype, attn, tokenizer_path)
+        model = _build_original(folder, config, torch_dtype, attn, tokenizer_path, token_ids)
     model.eval()
     if kind != "cpu":
         try:
@@ -541,3 +540,4 @@ def torch_generate(model, input_ids, voices: Optional[Sequence[np.ndarray]] = No
     if free_memory_after_generate:
         memory.free_memory()
     return TorchGeneration(audio=audio, tokens=tokens, sample_rate=SAMPLE_RATE, device=device)
+

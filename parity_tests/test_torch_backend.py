@@ -9,13 +9,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
-pytest.importorskip("diffusers")
-
-from vibevoice_mlx import memory, torch_backend as tb  # noqa: E402
-from vibevoice_mlx.fixtures import build  # noqa: E402
+from vibevoice_mlx import memory, torch_backend as tb
+from vibevoice_mlx.fixtures import build
 
 # Tiny fixture ids (vibevoice_mlx/fixtures.py): eos 256, speech_start 257, speech_end 258, speech_diffusion 259.
 EOS, START, END, DIFF = 256, 257, 258, 259

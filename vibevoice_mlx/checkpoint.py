@@ -1,17 +1,35 @@
-"""Checkpoint configs: detect the layout and normalize both to the original (Microsoft) field names.
+"""The format layer: what is in a model folder, read once.
 
-The MLX model reads the normalized form only. The PyTorch path goes the other way, from the normalized form
-to the transformers 5.x `VibeVoiceConfig` fields (architecture.md §2, §7).
+Detects the layout of a folder (Microsoft's original, transformers 5.x, or a converted MLX folder), normalizes
+either config to the original field names (architecture.md §2, §7) and reads it into the typed `ModelConfig`,
+reads the safetensors and checks them strictly against the model. The key table is `keys.py`. Conversion
+(`vibevoice_mlx.convert`) and both backends build on this module; it imports neither.
 """
 
 import copy
-from typing import Any, Dict, Optional
+import glob
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
 
+from .constants import GENERATION_CONFIG
+from .errors import UserError
 from .keys import ORIGINAL, TRANSFORMERS
 
+logger = logging.getLogger(__name__)
 
-class LayoutError(ValueError):
+MLX = "mlx"  # the layout of a converted folder: original names, MLX tensor layouts
+
+
+class LayoutError(UserError):
     """A config or checkpoint that matches neither supported layout."""
+
+
+class LoadError(UserError):
+    """A model folder that cannot be loaded as it is; the message says what to do."""
 
 
 _QWEN2_FIELDS = [
@@ -189,8 +207,6 @@ def normalize_config(config: Dict[str, Any], layout: Optional[str] = None) -> Di
 
 
 def _validate(cfg: Dict[str, Any]) -> None:
-    import math
-
     a, s = cfg["acoustic_tokenizer_config"], cfg["semantic_tokenizer_config"]
     for name, t in [("acoustic", a), ("semantic", s)]:
         if len(_parse_depths(t["encoder_depths"])) != len(t["encoder_ratios"]) + 1:
@@ -204,8 +220,6 @@ def _validate(cfg: Dict[str, Any]) -> None:
 
 
 def hop_length(normalized: Dict[str, Any]) -> int:
-    import math
-
     return int(math.prod(normalized["acoustic_tokenizer_config"]["encoder_ratios"]))
 
 
@@ -257,3 +271,128 @@ def to_transformers_config(normalized: Dict[str, Any]) -> Dict[str, Any]:
     if "eos" in ids:
         out["pad_token_id"] = ids["eos"]
     return out
+
+
+# --- reading a folder -----------------------------------------------------------------------------------------
+
+
+def read_json(path: Path) -> Dict[str, Any]:
+    """A JSON file, or a LoadError naming the file."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LoadError(f"Cannot read {path} ({e}): the file is damaged; download or convert the model again.") \
+            from None
+
+
+def load_config(folder: Path) -> Dict[str, Any]:
+    path = Path(folder) / "config.json"
+    if not path.exists():
+        raise LoadError(f"No config.json in {folder}: point --model at a VibeVoice model folder.")
+    return read_json(path)
+
+
+def weight_format(folder: Path) -> Optional[str]:
+    """"mlx" for a converted folder, "pt" for PyTorch safetensors, None when there are none (metadata only)."""
+    files = sorted(glob.glob(str(Path(folder) / "*.safetensors")))
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(files[0], framework="numpy") as f:
+            return (f.metadata() or {}).get("format", "pt")
+    except Exception as e:  # safetensors raises its own error types for a damaged header
+        raise LoadError(f"Cannot read {files[0]}: {e}. The file is damaged or truncated: download or convert "
+                        "again.") from None
+
+
+@dataclass
+class Checkpoint:
+    """A model folder, read once: its layout, its normalized config and the generation defaults it ships."""
+
+    folder: Path
+    layout: str  # "original", "transformers" or "mlx"
+    raw: Dict[str, Any]  # config.json as stored
+    normalized: Dict[str, Any]  # original field names, derived values explicit
+    generation: Dict[str, Any] = field(default_factory=dict)  # {"steps", "cfg_scale"} where the folder has them
+
+    @property
+    def quantization(self) -> Optional[Dict[str, int]]:
+        return self.raw.get("quantization")
+
+
+def read_checkpoint(folder: Path) -> Checkpoint:
+    """Read config.json (and generation_config.json) of a local folder of any layout."""
+    folder = Path(folder)
+    raw = load_config(folder)
+    fmt = weight_format(folder)
+    layout = MLX if fmt == MLX else detect_layout(raw)
+    normalized = normalize_config({k: v for k, v in raw.items() if k not in ("quantization", "conversion")},
+                                  ORIGINAL if layout == MLX else layout)
+    generation = {}
+    gen_path = folder / GENERATION_CONFIG
+    if gen_path.is_file():
+        gen = read_json(gen_path)
+        # ours: steps / cfg_scale; transformers': num_diffusion_steps / guidance_scale
+        for ours, theirs in (("steps", "num_diffusion_steps"), ("cfg_scale", "guidance_scale")):
+            value = gen.get(ours, gen.get(theirs))
+            if value is not None:
+                generation[ours] = value
+        sched = gen.get("noise_scheduler_config") or {}
+        head = normalized["diffusion_head_config"]
+        if sched.get("beta_schedule"):
+            head["ddpm_beta_schedule"] = sched["beta_schedule"]
+        if sched.get("prediction_type"):
+            head["prediction_type"] = sched["prediction_type"]
+        if sched.get("num_train_timesteps"):
+            head["ddpm_num_steps"] = int(sched["num_train_timesteps"])
+    return Checkpoint(folder, layout, raw, normalized, generation)
+
+
+def read_weights(folder: Path) -> Tuple[Dict[str, Any], str]:
+    """All safetensors of a folder as lazy MLX arrays, and their format ("mlx" for converted folders, else "pt")."""
+    import mlx.core as mx
+
+    folder = Path(folder)
+    files = sorted(glob.glob(str(folder / "*.safetensors")))
+    if not files:
+        if glob.glob(str(folder / "*.bin")) or glob.glob(str(folder / "*.pt")):
+            raise LoadError(
+                f"{folder} holds pickled PyTorch weights only: convert them first with "
+                f"`vibevoice-mlx convert --model {folder} --mlx-path <out> --allow-pickle`."
+            )
+        raise LoadError(f"No *.safetensors files in {folder}.")
+    weights, fmt = {}, None
+    for f in files:
+        try:
+            w, meta = mx.load(f, return_metadata=True)
+        except Exception as e:  # mlx raises plain RuntimeError/ValueError on a damaged file
+            raise LoadError(f"Cannot read {f}: {e}. The file is damaged or truncated: download or convert "
+                            "again.") from None
+        fmt = fmt or (meta or {}).get("format", "pt")
+        weights.update(w)
+    return weights, fmt
+
+
+def check_weights(model, weights: Dict[str, Any]) -> None:
+    """Strict: every parameter present with its shape, nothing extra. Errors name the tensors."""
+    from mlx.utils import tree_flatten
+
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    shapes = [
+        f"{k} {tuple(weights[k].shape)} (expected {tuple(expected[k].shape)})"
+        for k in expected
+        if k in weights and tuple(weights[k].shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:5])}")
+    if extra:
+        problems.append(f"unexpected {len(extra)} tensor(s): {', '.join(extra[:5])}")
+    if shapes:
+        problems.append(f"wrong shape: {', '.join(shapes[:5])}")
+    if problems:
+        raise LoadError("Checkpoint does not match the model config: " + "; ".join(problems) + ".")

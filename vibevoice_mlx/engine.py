@@ -1,0 +1,268 @@
+"""The MLX engine: the per-frame loop of architecture.md §6, for B scripts at once.
+
+One loop step = one LM token for every live script. Each script owns two rows of one `CFGCache` (its positive
+and negative branch), so a step is one batched forward of 2B rows and the weights are read once however many
+scripts run. A row that chose `speech_diffusion` produces a latent frame through the diffusion head, decoded to
+3200 samples by the streaming σ-VAE decoder and fed back through the streaming semantic encoder; every row keeps
+its own stopping, negative-branch restarts and tokenizer stream state, and a script that finishes a segment is
+replaced by its next segment (or leaves the batch) without disturbing the others. A script's rows never mix with
+another's: its audio equals that script generated alone, within float32 rounding (tests/test_batch.py).
+"""
+
+import logging
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from . import backbone
+from .backend import NEXT, TRUNCATED, Event, FrameSettings, JobSource, SegmentJob
+from .errors import NumericsError
+from .model import Model
+from .processor import SpecialTokens
+from .scheduler import DPMSolver, sample_latent
+
+logger = logging.getLogger(__name__)
+
+
+class FrameStep:
+    """Everything a speech frame does after the LM step, as one function (compiled unless `compile=False`).
+
+    (pos_h, neg_h, noise, decoder state, semantic state) -> (latent z, audio, next input embedding, states) for
+    N rows: the CFG diffusion sampling (§6.5), the streaming σ-VAE decode and semantic re-encode (§3.3.4) and the
+    connectors (§6.3 step 7f). mx.compile fuses its hundreds of small ops; tests check it equals the eager path.
+    """
+
+    def __init__(self, model: Model, solver: DPMSolver, steps: int, cfg_scale: float, dtype, compile: bool = True):
+        m = model.model
+        schedule = solver.schedule(steps)
+        # A constant per step count, computed once: the traced function only reads it.
+        t_emb = m.prediction_head.t_embedder(schedule.timesteps)
+        mx.eval(t_emb)
+
+        def step(pos_h, neg_h, noise, dec_state, sem_state):
+            z = sample_latent(m.prediction_head, pos_h, neg_h, noise, schedule, cfg_scale, t_embeddings=t_emb)
+            latent = model.unscale_latents(z)[:, None, :].astype(dtype)
+            audio, dec_state = m.acoustic_tokenizer.decoder.stream(latent, dec_state)
+            sem, sem_state = m.semantic_tokenizer.encoder.stream(audio, sem_state)
+            x = m.acoustic_connector(z[:, None, :].astype(dtype)) + m.semantic_connector(sem.astype(dtype))
+            return z, audio, x, dec_state, sem_state
+
+        self.fn = mx.compile(step) if compile else step
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+
+@dataclass
+class _Row:
+    """One live script in the batch: its source, current segment job and per-segment counters."""
+
+    source: int
+    job: SegmentJob
+    x: mx.array  # the next input embedding [1, 1, H]
+    max_steps: int
+    step: int = 0
+    frames: int = 0
+
+
+def _take(state: List[mx.array], rows: mx.array) -> List[mx.array]:
+    return [s[rows] for s in state]
+
+
+class MLXBackend:
+    """The MLX implementation of `backend.Backend`; holds the model, its 4 scored head rows and compiled steps."""
+
+    name = "mlx"
+
+    def __init__(self, model: Model, tokens: SpecialTokens, max_batch: int = 8):
+        self.model = model
+        self.tokens = tokens
+        self.max_batch = max_batch
+        self.solver = DPMSolver.from_config(model.config.scheduler)
+        self.control_ids = tokens.control_ids
+        self.head_rows = model.head_rows(self.control_ids)
+        mx.eval(self.head_rows)
+        if not model.config.tie_word_embeddings and "lm_head" in model:
+            # Only the control tokens are ever scored: the rest of an untied head is dead weight (7B: 1.1 GB).
+            del model.lm_head
+        self._frame_steps: Dict[tuple, FrameStep] = {}  # (steps, cfg, dtype, compile): compiled once per setting
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.model.model.language_model.embed_tokens.weight.dtype
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).replace("mlx.core.", "")
+
+    def free(self) -> None:
+        mx.clear_cache()
+
+    # --- voices -----------------------------------------------------------------------------------------------
+
+    def voice_latents(self, voices: List[np.ndarray]) -> List[np.ndarray]:
+        """σ-VAE means of the voices, fresh clips encoded as one batch zero-padded to the longest, as the
+        original does (the last partial frame of a shorter clip depends on it); saved latents pass through."""
+        tok = self.model.model.acoustic_tokenizer
+        hop = self.model.config.hop_length
+        out: List[Optional[np.ndarray]] = [v if v.ndim == 2 else None for v in voices]
+        fresh = [i for i, v in enumerate(voices) if v.ndim == 1]
+        if fresh:
+            longest = max(len(voices[i]) for i in fresh)
+            batch = np.zeros((len(fresh), longest, 1), np.float32)
+            for row, i in enumerate(fresh):
+                batch[row, : len(voices[i]), 0] = voices[i]
+            mean = tok.encoder(mx.array(batch)).astype(mx.float32)
+            for row, i in enumerate(fresh):
+                out[i] = np.array(mean[row, : math.ceil(len(voices[i]) / hop)])
+        return [np.asarray(z, np.float32) for z in out]
+
+    def encode_voices(self, voices: List[np.ndarray], voice_noise: bool, key: mx.array) -> List[mx.array]:
+        """Voice-prompt latents, one [frames, vae_dim] array per voice, normalized for the LM."""
+        tok = self.model.model.acoustic_tokenizer
+        latents = []
+        for z in self.voice_latents(voices):
+            z = mx.array(z)
+            if voice_noise and tok.vae_std > 0:
+                # σ-VAE sampling: one noise scale per clip, then per-value Gaussian noise.
+                key, k1, k2 = mx.random.split(key, 3)
+                z = tok.sample(z[None], mx.random.normal((1,), key=k1), mx.random.normal((1, *z.shape), key=k2))[0]
+            latents.append(self.model.scale_latents(z))
+        return latents
+
+    # --- the frame loop ---------------------------------------------------------------------------------------
+
+    def frame_step(self, settings: FrameSettings) -> FrameStep:
+        key = (settings.steps, settings.cfg_scale, self.dtype, settings.compile)
+        if key not in self._frame_steps:
+            self._frame_steps[key] = FrameStep(self.model, self.solver, settings.steps, settings.cfg_scale,
+                                               self.dtype, settings.compile)
+        return self._frame_steps[key]
+
+    def _prefill(self, source: int, job: SegmentJob, chunk: int):
+        """A segment's prompt through the positive branch alone -> (its row, its one-slot CFG cache)."""
+        lm = self.model.language_model
+        prompt = job.prompt
+        embeds = self.model.prompt_embeddings(prompt.input_ids, prompt.speech_input_mask, job.voices)
+        cache = backbone.make_cache(lm)
+        if embeds.shape[1] > 1:
+            backbone.prefill(lm, embeds[:, :-1], cache, chunk)
+        # The prompt ends with speech_start: the positive branch's last prompt token and the negative branch's
+        # first input are the same embedding, so both start with one batched step.
+        n = len(prompt.input_ids)
+        max_steps = min(self.model.config.max_positions - n, 2 * n)  # the original's length rule (§6.6)
+        return _Row(source, job, embeds[:, -1:], max_steps), backbone.CFGCache.from_prompt(cache)
+
+    def run(self, sources: Sequence[JobSource], settings: FrameSettings) -> Iterator[Event]:
+        m = self.model.model
+        lm = m.language_model
+        dec, sem = m.acoustic_tokenizer.decoder, m.semantic_tokenizer.encoder
+        t = self.tokens
+        allowed = self.control_ids
+        dtype = self.dtype
+        frame_step = self.frame_step(settings)
+        latent_dim = self.model.config.acoustic_vae_dim
+
+        waiting = deque(range(len(sources)))
+        rows: List[_Row] = []
+        cache: Optional[backbone.CFGCache] = None
+        dec_state: List[mx.array] = []
+        sem_state: List[mx.array] = []
+        while waiting or rows:
+            while waiting and len(rows) < self.max_batch:
+                i = waiting.popleft()
+                job = sources[i].next_job()
+                yield i, NEXT, None
+                if job is None:
+                    continue
+                row, row_cache = self._prefill(i, job, settings.prefill_chunk)
+                rows.append(row)
+                if cache is None:
+                    cache, dec_state, sem_state = row_cache, dec.make_state(1), sem.make_state(1)
+                else:
+                    cache.add(row_cache)
+                    dec_state = [mx.concatenate([a, b]) for a, b in zip(dec_state, dec.make_state(1))]
+                    sem_state = [mx.concatenate([a, b]) for a, b in zip(sem_state, sem.make_state(1))]
+            if not rows:
+                break
+
+            x = mx.concatenate([r.x for r in rows])
+            h = backbone.forward(lm, mx.repeat(x, 2, axis=0).astype(dtype), cache)
+            pos_h, neg_h = h[0::2, -1], h[1::2, -1]
+            logits = pos_h.astype(mx.float32) @ self.head_rows.T
+            finite = np.array(mx.all(mx.isfinite(logits), axis=-1))
+            events, diffuse, ended, restart, fresh_streams = [], [], [], [], []
+            for k, r in enumerate(rows):
+                if not finite[k]:
+                    raise NumericsError(f"non-finite language-model output at step {r.step} ({self.dtype_name})")
+                token = r.job.sampler(logits[k], allowed)
+                if token not in allowed:
+                    raise ValueError(f"sampler returned token {token}, not one of the control tokens {allowed}")
+                stop = r.job.should_stop is not None and r.job.should_stop()
+                over = r.job.max_frames is not None and r.frames >= r.job.max_frames
+                if r.step == r.max_steps or stop or (over and token == t.speech_diffusion):
+                    events.append((r.source, TRUNCATED, None))
+                    ended.append(k)
+                elif token == t.eos:
+                    events.append((r.source, token, None))
+                    ended.append(k)
+                elif token == t.speech_diffusion:
+                    diffuse.append(k)
+                else:
+                    events.append((r.source, token, None))
+                    if token == t.speech_end:
+                        fresh_streams.append(k)  # the original zeroes the tokenizers' streaming caches
+                    elif token == t.speech_start:
+                        restart.append(k)
+                    r.x = self.model.embed_tokens(mx.array([[token]]))
+                r.step += 1
+
+            if diffuse:
+                noise = np.zeros((len(rows), latent_dim), np.float32)
+                for k in diffuse:
+                    noise[k] = np.asarray(rows[k].job.noise(), np.float32).reshape(-1)
+                _, audio, xn, new_dec, new_sem = frame_step(pos_h, neg_h, mx.array(noise), dec_state, sem_state)
+                if len(diffuse) == len(rows):
+                    dec_state, sem_state = new_dec, new_sem
+                else:  # rows without a frame this step keep their streams as they were
+                    keep = np.zeros(len(rows), bool)
+                    keep[diffuse] = True
+                    keep = mx.array(keep)
+                    dec_state = [mx.where(keep[:, None, None], n, o) for n, o in zip(new_dec, dec_state)]
+                    sem_state = [mx.where(keep[:, None, None], n, o) for n, o in zip(new_sem, sem_state)]
+                mx.eval(xn, audio, dec_state, sem_state)
+                chunks = np.array(audio[..., 0].astype(mx.float32))
+                for k in diffuse:
+                    r = rows[k]
+                    if not np.isfinite(chunks[k]).all():
+                        raise NumericsError(f"non-finite audio in frame {r.frames + 1} ({self.dtype_name})")
+                    r.frames += 1
+                    r.x = xn[k:k + 1]
+                    events.append((r.source, t.speech_diffusion, chunks[k]))
+            # On a step without a frame the negative branch would not have run.
+            idle = [k for k in range(len(rows)) if k not in diffuse]
+            if idle:
+                cache.drop_negative(idle)
+            if restart:
+                cache.reset_negative(restart)
+            if fresh_streams:
+                reset = np.zeros(len(rows), bool)
+                reset[fresh_streams] = True
+                dec_state = dec.reset_rows(dec_state, mx.array(reset))
+                sem_state = sem.reset_rows(sem_state, mx.array(reset))
+            yield from events
+
+            if ended:
+                kept = [k for k in range(len(rows)) if k not in ended]
+                waiting.extendleft(reversed([rows[k].source for k in ended]))  # their next segment, first
+                rows = [rows[k] for k in kept]
+                if rows:
+                    cache.keep(kept)
+                    idx = mx.array(kept)
+                    dec_state, sem_state = _take(dec_state, idx), _take(sem_state, idx)
+                else:
+                    cache, dec_state, sem_state = None, [], []
