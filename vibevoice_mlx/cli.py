@@ -187,7 +187,7 @@ def _run_say(script, out, *, model, voices, save_voices, force, play, quiet, bac
                     if not r.is_pause:
                         bar.update(1)
                 last = r
-    except UserError:
+    except BaseException:
         if writer is not None and writer.frames == 0:
             out.unlink(missing_ok=True)  # nothing was made: leave nothing behind
         raise

@@ -11,7 +11,6 @@ import mlx.nn as nn
 
 from .checkpoint import MLX, Checkpoint, LoadError, check_weights, read_checkpoint, read_weights
 from .constants import SAMPLE_RATE, mlx_dtype
-from .errors import UserError
 from .keys import to_original
 from .model import Model, ModelConfig
 from .processor import SpecialTokens
@@ -170,11 +169,3 @@ def load(
     return VibeVoice(backend=engine, tokenizer=tok, tokens=tokens, folder=ckpt.folder, config=config,
                      defaults=dict(ckpt.generation))
 
-
-def require_torch() -> None:
-    """A clear error, not a traceback, when the PyTorch extra is missing."""
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError:
-        raise UserError("The torch backend needs the PyTorch extra: pip install 'vibevoice-mlx[torch]'.") from None

@@ -28,9 +28,12 @@ class TorchBackend:
 
     @classmethod
     def load(cls, ckpt, config, tokens, device: str = "auto", dtype: str = "auto", attention: str = "auto"):
-        from .loader import require_torch
-
-        require_torch()
+        try:
+            import torch  # noqa: F401
+            import transformers  # noqa: F401
+        except ImportError:
+            raise UserError("The torch backend needs the PyTorch extra: pip install 'vibevoice-mlx[torch]'.") \
+                from None
         ids = {role: getattr(tokens, role) for role in CONTROL_ROLES}
         model = torch_backend.load_torch_model(ckpt.folder, device=device, dtype=dtype, attention=attention, token_ids=ids)
         return cls(model, tokens, config.hop_length)
