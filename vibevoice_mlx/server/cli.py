@@ -42,7 +42,7 @@ def model_id(model: str) -> str:
 @click.option("--max-queue", default=16, show_default=True, type=click.IntRange(1),
               help="Requests that may wait; beyond, 503 with Retry-After.")
 @click.option("--max-batch", default=4, show_default=True, type=click.IntRange(1),
-              help="Requests generated together in one batch.")
+              help="Requests in progress at once; those that arrive together share one batch.")
 @click.option("--max-input-chars", default=4096, show_default=True, type=click.IntRange(1),
               help="Longest 'input' accepted (OpenAI's limit by default).")
 @click.option("--max-upload-mb", default=20.0, show_default=True, type=click.FloatRange(0, min_open=True),

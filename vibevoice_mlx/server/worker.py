@@ -2,7 +2,9 @@
 
 MLX work (generation, encoding an uploaded voice) happens on this thread only, so the model is never used from
 two threads at once. Jobs that wait together and share `steps` and `cfg_scale` (the batched engine needs one
-value of each) run as one `vv.stream_generate_batch` call; every other option goes per script. A job's `stop`
+value of each) run as one `vv.stream_generate_batch` call; every other option goes per script. Up to
+`max_batch` jobs are in progress at once: a batch cannot take new scripts once started, so a later request
+starts a batch of its own, and the thread advances every batch in progress by one event in turn. A job's `stop`
 callable is checked by the engine at each frame: a client that leaves, or a shutdown past its grace period,
 ends the job there and frees its slot.
 """
@@ -14,7 +16,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Deque, List, Optional
+from typing import Callable, Deque, Iterator, List, Optional
 
 from .errors import APIError, from_generation_error
 
@@ -66,6 +68,12 @@ class Job:
         self.cancelled.set()
 
 
+@dataclass(eq=False)
+class _Batch:
+    jobs: List[Job]
+    events: Iterator  # what vv.stream_generate_batch yields: (script index, response)
+
+
 class Worker:
     """load() -> pipeline, run on the worker thread. `sampler` is a testing aid handed to every generation
     (tests force speech frames with it); `generate` defaults to `vv.stream_generate_batch`."""
@@ -85,6 +93,8 @@ class Worker:
         self._accepting, self._exit = True, False
         self._stop_at: Optional[float] = None
         self._durations: Deque[float] = deque(maxlen=32)
+        self._used = False  # generated since memory was last freed
+        self._freed_at = 0.0  # when a job last ended (its slot freed)
         self.counts = {"completed": 0, "failed": 0, "cancelled": 0, "rejected": 0, "batches": 0}
         self._ready = threading.Event()
         self._load_error: Optional[BaseException] = None
@@ -178,46 +188,78 @@ class Worker:
             self._ready.set()
             return
         self._ready.set()
+        batches: List[_Batch] = []
         while True:
-            task, batch = None, None
+            task, jobs = None, None
             with self._cond:
-                waited = False
-                while not (self._pending or self._tasks or self._exit):
+                while not (self._pending or self._tasks or batches or self._exit):
                     self._cond.wait()
-                    waited = True
+                if self._exit and not (self._pending or self._tasks or batches):
+                    break
                 if self._tasks:
                     task = self._tasks.popleft()
-                elif self._pending:
-                    if waited and self.batch_window > 0 and len(self._pending) < self.max_batch:
-                        self._cond.wait(self.batch_window)  # let requests that arrive together join
-                    batch = self._take_batch()
-                elif self._exit:
-                    break
+                else:
+                    wait = self._gathering(batches)
+                    if wait > 0 and not batches:
+                        self._cond.wait(wait)  # idle: let requests that arrive together join
+                    elif wait == 0:
+                        jobs = self._take_batch(batches)
             try:
                 if task is not None:
                     self._run_task(*task)
-                elif batch:
-                    self._run_batch(batch)
+                if jobs:
+                    try:
+                        batches.append(self._start_batch(jobs))
+                    except Exception as e:  # noqa: BLE001 - a library that fails when called, not when iterated
+                        self._batch_failed(jobs, e)
+                # One step of every batch in progress, in turn: a long request does not hold up a new one.
+                for batch in list(batches):
+                    if not self._step(batch):
+                        batches.remove(batch)
             except Exception:  # noqa: BLE001 - the worker must outlive any one request
                 logger.exception("Worker error")
-            if self.free_when_idle and batch and not self._pending:
+            with self._cond:
+                self._active = [j for b in batches for j in b.jobs if not j.done]
+                idle = not (batches or self._pending)
+            if self.free_when_idle and idle and self._used:
+                self._used = False
                 self._free_memory()
 
-    def _take_batch(self) -> List[Job]:
+    def _room(self, batches) -> int:
+        return self.max_batch - sum(not j.done for b in batches for j in b.jobs)
+
+    def _gathering(self, batches) -> float:
+        """Seconds to wait before taking the next batch (0: take it now; -1: no room or nothing waits).
+
+        A batch is taken when it can take every waiting job (or a full batch), or `batch_window` after its first
+        job arrived or a slot last freed up: requests that arrive together are generated together, and slots
+        that free up together (a batch's jobs end in the same step) are refilled by one batch, not one by one.
+        Running batches go on meanwhile."""
+        self._drop_cancelled()
+        room = self._room(batches)
+        if not self._pending or room <= 0:
+            return -1
+        if self._pending[0].solo or room >= min(len(self._pending), self.max_batch):
+            return 0
+        since = max(self._pending[0].submitted, self._freed_at)
+        return max(0.0, since + self.batch_window - time.monotonic())
+
+    def _drop_cancelled(self):
         while self._pending and self._pending[0].cancelled.is_set():
             self._pending.popleft().done = True
             self.counts["cancelled"] += 1
-        if not self._pending:
-            return []
+
+    def _take_batch(self, batches) -> List[Job]:
+        room = self._room(batches)
         first = self._pending[0]
         if first.solo:
             batch = [first]
         else:
             batch = [j for j in self._pending if j.group == first.group and not j.solo
-                     and not j.cancelled.is_set()][: self.max_batch]
+                     and not j.cancelled.is_set()][:room]
         for job in batch:
             self._pending.remove(job)
-        self._active = batch
+        self._active = self._active + batch
         return batch
 
     def _run_task(self, fn, future):
@@ -231,11 +273,12 @@ class Worker:
     def _stopper(self, job: Job):
         return lambda: job.cancelled.is_set() or (self._stop_at is not None and time.monotonic() > self._stop_at)
 
-    def _run_batch(self, batch: List[Job]):
+    def _start_batch(self, batch: List[Job]) -> "_Batch":
         start = time.monotonic()
         for job in batch:
             job.started = start
         self.counts["batches"] += 1
+        self._used = True
         logger.info("Generating a batch of %d (steps %s, cfg %s)", len(batch), *batch[0].group)
         options = dict(seed=[j.seed for j in batch], max_seconds=[j.max_seconds for j in batch],
                        temperature=[j.temperature for j in batch], top_p=[j.top_p for j in batch],
@@ -244,30 +287,36 @@ class Worker:
         options.update({k: v for k, v in zip(("steps", "cfg_scale"), batch[0].group) if v is not None})
         if self.sampler is not None:
             options["sampler"] = self.sampler
+        events = self._generate(self.pipe, [j.script for j in batch], [list(j.voices) or None for j in batch],
+                                **options)
+        return _Batch(batch, iter(events))
+
+    def _step(self, batch: "_Batch") -> bool:
+        """Advance a batch by one event; False once it is over (all its jobs ended or failed)."""
         try:
-            for i, r in self._generate(self.pipe, [j.script for j in batch], [list(j.voices) or None for j in batch],
-                                       **options):
-                job = batch[i]
-                if job.done:
-                    continue
-                job.frames, job.audio_seconds = r.frames, r.audio_seconds
-                job.truncated |= bool(r.truncated)
-                if r.audio.size:
-                    job.emitted = True
-                    job.emit("audio", r.audio)
-                if r.finished:
-                    self._finish(job)
-            for job in batch:
+            i, r = next(batch.events)
+        except StopIteration:
+            for job in batch.jobs:
                 if not job.done:
                     self._finish(job)
+            return False
         except Exception as e:  # noqa: BLE001 - one bad request must not fail the server
-            self._batch_failed(batch, e)
-        finally:
-            with self._cond:
-                self._active = []
+            self._batch_failed(batch.jobs, e)
+            return False
+        job = batch.jobs[i]
+        if not job.done:
+            job.frames, job.audio_seconds = r.frames, r.audio_seconds
+            job.truncated |= bool(r.truncated)
+            if r.audio.size:
+                job.emitted = True
+                job.emit("audio", r.audio)
+            if r.finished:
+                self._finish(job)
+        return True
 
     def _finish(self, job: Job):
         job.done = True
+        self._freed_at = time.monotonic()
         stopped = job.cancelled.is_set() or (self._stop_at is not None and time.monotonic() > self._stop_at)
         self.counts["cancelled" if job.cancelled.is_set() else "completed"] += 1
         self._durations.append(time.monotonic() - job.started)
