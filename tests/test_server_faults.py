@@ -38,6 +38,43 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(server):
     assert ok.status == 200 and len(ok.body) == 2 * 3 * sh.HOP
 
 
+def open_stream(server, seed: int) -> socket.socket:
+    """A long speech request on a bare socket, not read: the test decides when the client leaves."""
+    body = json.dumps({"model": "tts-1", "input": LONG, "response_format": "pcm", "seed": seed}).encode()
+    s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    s.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              + f"Authorization: Bearer {server.api_key}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    return s
+
+
+def wait_health(server, condition, timeout: float = 10.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        h = server.health()
+        if condition(h):
+            return h
+        time.sleep(0.02)
+    raise AssertionError(f"health never matched: {server.health()}")
+
+
+def test_a_client_that_leaves_while_queued_is_dropped_from_the_queue(server):
+    before = server.wait_idle()
+    running = [open_stream(server, 10 + i) for i in range(before["max_batch"])]
+    try:
+        wait_health(server, lambda h: h["active"] == before["max_batch"])
+        waiting = open_stream(server, 20)
+        wait_health(server, lambda h: h["queued"] == 1)
+        waiting.close()
+        h = wait_health(server, lambda h: h["queued"] == 0, timeout=3)
+        assert h["cancelled"] == before["cancelled"] + 1 and h["active"] == before["max_batch"]
+    finally:
+        for s in running:
+            s.close()
+    after = server.wait_idle(timeout=10)
+    assert after["cancelled"] == before["cancelled"] + 1 + before["max_batch"]
+    assert after["completed"] == before["completed"]
+
+
 def raw(server, data: bytes, timeout: float = 5.0) -> bytes:
     """Send bytes as they are and return whatever comes back before the server closes or goes quiet."""
     with socket.create_connection(("127.0.0.1", server.port), timeout=timeout) as s:

@@ -98,8 +98,8 @@ def test_voice_store_writes_whole_files_only(tmp_path):
 
 
 class FakeEngine:
-    """Stands in for vv.stream_generate_batch: `frames` frames per script (audio = its seed), one after another
-    as the provisional engine does; a script "bad" raises at its start; `delay` seconds per frame."""
+    """Stands in for vv.stream_generate_batch: `frames` frames per script (audio = its seed; a script "long" has
+    400), one script after another; a script "bad" raises at its start; `delay` seconds per frame."""
 
     def __init__(self, frames=3, delay=0.0):
         self.frames, self.delay, self.calls = frames, delay, []
@@ -109,11 +109,11 @@ class FakeEngine:
         for i, script in enumerate(scripts):
             if script == "bad":
                 raise ValueError(f"bad script at {i}")
-            for f in range(self.frames):
+            frames = 400 if script == "long" else self.frames
+            for f in range(frames):
                 time.sleep(self.delay)
                 yield i, SimpleNamespace(audio=np.full(2, options["seed"][i], np.float32), frames=f + 1,
-                                         audio_seconds=(f + 1) / 100, truncated=False,
-                                         finished=f == self.frames - 1)
+                                         audio_seconds=(f + 1) / 100, truncated=False, finished=f == frames - 1)
                 if options["stop"][i]():
                     break
 
@@ -172,6 +172,27 @@ def test_batches_group_by_steps_and_cfg_and_keep_the_order():
     finally:
         worker.stop()
     assert [(c[1]["steps"], c[1]["seed"]) for c in engine.calls] == [(10, [0, 2, 4]), (20, [1, 3])]
+
+
+def test_a_later_request_does_not_wait_for_a_long_one_but_max_batch_holds():
+    long_engine = FakeEngine(frames=3, delay=0.002)
+    worker = make_worker(long_engine, max_batch=2, batch_window=0)
+    try:
+        long_job, long_sink = job(1, script="long")
+        worker.submit(long_job)
+        deadline = time.monotonic() + 5
+        while not long_sink.audio and time.monotonic() < deadline:
+            time.sleep(0.005)
+        short = [job(seed) for seed in (2, 3)]
+        for j, _ in short:
+            worker.submit(j)
+        assert short[0][1].ended.wait(5) and short[1][1].ended.wait(5)
+        assert not long_sink.ended.is_set(), long_sink.events[-1]  # the short ones ran while the long one went on
+        assert worker.snapshot()["active"] == 1
+    finally:
+        worker.stop()
+    # max_batch 2: the long job and one short one at a time, so the two short ones ran in separate batches.
+    assert [c[1]["seed"] for c in long_engine.calls] == [[1], [2], [3]]
 
 
 def test_a_full_queue_refuses_with_retry_after():
@@ -255,3 +276,12 @@ def test_a_model_that_fails_to_load_fails_start():
 
     with pytest.raises(ValueError, match="config.json"):
         Worker(load).start()
+
+
+def test_serve_with_a_bad_model_is_a_one_line_error(tmp_path):
+    from click.testing import CliRunner
+
+    from vibevoice_mlx.server.cli import serve
+
+    result = CliRunner().invoke(serve, ["--model", str(tmp_path), "--voices-dir", str(tmp_path / "v")])
+    assert result.exit_code == 1 and "No config.json" in result.output and "Traceback" not in result.output
