@@ -60,14 +60,16 @@ def serve(model, host, port, voices_dir, api_key, max_queue, max_batch, max_inpu
           tokenizer, grace, force_frames, log_level):
     """Serve the OpenAI speech API (POST /v1/audio/speech), saved voices and a playground page at /."""
     try:
+        import fastapi  # noqa: F401
+        import python_multipart  # noqa: F401 - for voice uploads
         import uvicorn
-
-        from .app import ServerConfig, create_app
-        from .worker import Worker
     except ImportError as e:
         raise click.ClickException(f"The server needs its extra ({e.name} is missing): "
                                    "pip install 'vibevoice-mlx[server]'")
     import vibevoice_mlx as vv
+
+    from .app import ServerConfig, create_app
+    from .worker import Worker
 
     logging.getLogger("vibevoice_mlx").setLevel(log_level.upper())
     if host not in LOOPBACK and not api_key:

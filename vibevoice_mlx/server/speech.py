@@ -25,6 +25,7 @@ from .worker import Job, ShuttingDownError
 logger = logging.getLogger(__name__)
 
 DISCONNECT_POLL_S = 0.2
+MAX_BODY_BYTES = 1 << 20  # a speech request is text and options: far below this
 
 
 class StreamAborted(Exception):
@@ -53,7 +54,7 @@ def resolve_voices(req: SpeechRequest, store):
 
 
 def check_request(req: SpeechRequest, config) -> None:
-    if req.model not in OPENAI_MODELS | {config.model_id, "vibevoice"}:
+    if req.model not in OPENAI_MODELS | {config.model_id}:
         raise APIError(404, f"The model {req.model!r} is not served here; this server runs {config.model_id!r} "
                        "(GET /v1/models).", param="model", code="model_not_found")
     if not req.input.strip():
@@ -99,11 +100,26 @@ async def _next_event(request: Request, events: asyncio.Queue, job: Job, worker)
                 return None
 
 
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed `limit` (declared or streamed)."""
+    too_large = APIError(413, f"The request body is larger than {limit // 1024} KB.", code="request_too_large")
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
 async def speech(request: Request):
     state = request.app.state
     config, worker = state.config, state.worker
+    raw = await _read_body(request, MAX_BODY_BYTES)
     try:
-        body = await request.json()
+        body = json.loads(raw)
     except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         raise APIError(400, "We could not parse the JSON body of your request.", code="invalid_json")
     req = parse_speech_request(body)

@@ -81,7 +81,7 @@ class VoiceStore:
 
     def temp_path(self, suffix: str = "") -> Path:
         """A hidden file in the folder for an upload in progress (cleaned up on the next start if left)."""
-        suffix = suffix if re.fullmatch(r"\.[A-Za-z0-9]{1,8}", suffix or "") else ""
+        suffix = suffix if re.fullmatch(r"\.[A-Za-z0-9]{1,16}", suffix or "") else ""
         return self.folder / f".upload-{uuid.uuid4().hex}{suffix}"
 
     def add(self, name: str, write: Callable[[Path], None], overwrite: bool = False) -> Dict:

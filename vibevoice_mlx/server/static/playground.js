@@ -135,7 +135,7 @@ function decodeBase64(text) {
 
 function requestBody() {
   const body = {
-    model: health ? health.model : "vibevoice",
+    model: health ? health.model : "tts-1",
     input: $("script").value,
     response_format: "pcm",
     stream_format: "sse",
