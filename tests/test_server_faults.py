@@ -110,6 +110,8 @@ def test_malformed_requests_never_take_the_server_down(server):
         r = server.request("POST", "/v1/audio/speech", json.dumps({"model": "tts-1", **body}).encode(),
                            headers={"Content-Type": "application/json"})
         assert 400 <= r.status < 500 and set(r.error) == {"message", "type", "param", "code"}, (body, r.body)
+    r = server.request("POST", "/v1/audio/speech", b" " * (2 << 20), headers={"Content-Type": "application/json"})
+    assert r.status == 413 and r.error["code"] == "request_too_large"
     deep = b"[" * 100000 + b"]" * 100000
     r = server.request("POST", "/v1/audio/speech", deep, headers={"Content-Type": "application/json"})
     assert r.status == 400 and r.error["code"] == "invalid_json"

@@ -93,7 +93,7 @@ def test_sixteen_concurrent_clients(server, references):
     assert rss < baseline + 40, (baseline, rss)
 
     latencies = sorted(t for _, r, t in results if getattr(r, "status", None) == 200)
-    logger.warning("load: %d clients, %d answered with audio, %d with 503, %.2f s wall, %.1f requests/s; latency "
+    logger.info("load: %d clients, %d answered with audio, %d with 503, %.2f s wall, %.1f requests/s; latency "
                    "p50 %.2f s, p95 %.2f s, max %.2f s; %d batches; RSS %.0f -> %.0f MB", CLIENTS, answered_ok,
                    rejected, wall, answered_ok / wall, statistics.median(latencies),
                    latencies[int(0.95 * (len(latencies) - 1))], latencies[-1], after["batches"] - before["batches"],

@@ -79,6 +79,14 @@ def test_voice_names_with_tricks_are_refused(name):
         check_name(name)
 
 
+def test_voice_store_hands_the_writer_a_safetensors_path(tmp_path):
+    store = VoiceStore(tmp_path / "voices")
+    seen = []
+    store.add("x", lambda path: seen.append(path) or path.write_bytes(b"voice"))
+    assert seen[0].suffix == ".safetensors" and seen[0].name.startswith(".upload-")
+    assert store.path("x").read_bytes() == b"voice" and not seen[0].exists()
+
+
 def test_voice_store_writes_whole_files_only(tmp_path):
     store = VoiceStore(tmp_path / "voices")
     (store.folder / ".upload-stale.wav").write_bytes(b"x")
