@@ -11,10 +11,11 @@ import base64
 import json
 import logging
 import secrets
+from contextlib import aclosing
 from typing import Optional
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from .encode import MEDIA_TYPES, available_formats, make_encoder
 from .errors import APIError
@@ -141,10 +142,14 @@ async def speech(request: Request):
     job = Job(script=req.input, emit=emit, voices=voices, steps=req.steps, cfg_scale=req.cfg_scale, seed=seed,
               temperature=req.temperature, top_p=req.top_p, max_seconds=req.max_seconds)
     worker.submit(job)
-    first = await _next_event(request, events, job, worker)
+    try:
+        first = await _next_event(request, events, job, worker)
+    except BaseException:  # cancelled (the server is being forced down): the job must not run on
+        worker.cancel(job)
+        raise
     if first is None:
         logger.info("Client left before its audio started.")
-        return StreamingResponse(iter(()), status_code=499)
+        return Response(status_code=499)
     kind, payload = first
     if kind == "error":
         raise payload
@@ -186,30 +191,32 @@ async def _events(request, first, events, job, worker):
 
 
 async def _audio_stream(request, first, events, job, worker, encoder):
-    async for kind, payload in _events(request, first, events, job, worker):
-        if kind == "audio":
-            data = encoder.write(payload)
-        elif kind == "end":
-            data = encoder.close()
-        else:
-            logger.error("Stream cut after %.2f s of audio: %s", job.audio_seconds, payload.message)
-            raise StreamAborted(payload.message)
-        if data:
-            yield data
+    async with aclosing(_events(request, first, events, job, worker)) as stream:
+        async for kind, payload in stream:
+            if kind == "audio":
+                data = encoder.write(payload)
+            elif kind == "end":
+                data = encoder.close()
+            else:
+                logger.error("Stream cut after %.2f s of audio: %s", job.audio_seconds, payload.message)
+                raise StreamAborted(payload.message)
+            if data:
+                yield data
 
 
 async def _sse_stream(request, first, events, job, worker, encoder, input_tokens):
-    async for kind, payload in _events(request, first, events, job, worker):
-        if kind == "error":
-            yield _sse({"type": "error", "error": payload.body()["error"]})
-            return
-        data = encoder.write(payload) if kind == "audio" else encoder.close()
-        if data:
-            yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
-        if kind == "end":
-            frames = payload["frames"]  # a speech frame is one output token (speech_diffusion)
-            yield _sse({"type": "speech.audio.done",
-                        "usage": {"input_tokens": input_tokens, "output_tokens": frames,
-                                  "total_tokens": input_tokens + frames},
-                        "audio_seconds": round(encoder.samples / encoder.sample_rate, 3),
-                        "truncated": payload["truncated"], "seed": job.seed})
+    async with aclosing(_events(request, first, events, job, worker)) as stream:
+        async for kind, payload in stream:
+            if kind == "error":
+                yield _sse({"type": "error", "error": payload.body()["error"]})
+                return
+            data = encoder.write(payload) if kind == "audio" else encoder.close()
+            if data:
+                yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
+            if kind == "end":
+                frames = payload["frames"]  # a speech frame is one output token (speech_diffusion)
+                yield _sse({"type": "speech.audio.done",
+                            "usage": {"input_tokens": input_tokens, "output_tokens": frames,
+                                      "total_tokens": input_tokens + frames},
+                            "audio_seconds": round(encoder.samples / encoder.sample_rate, 3),
+                            "truncated": payload["truncated"], "seed": job.seed})
