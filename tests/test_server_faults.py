@@ -22,8 +22,8 @@ def server(tiny, tmp_path_factory):
 def test_a_client_that_leaves_mid_stream_frees_its_slot(server):
     before = server.wait_idle()
     conn = server.connect()
-    conn.request("POST", "/v1/audio/speech", json.dumps({"model": "tts-1", "input": LONG, "response_format": "pcm",
-                                                         "seed": 1}), {**server.auth(), "Content-Type": "application/json"})
+    body = json.dumps({"model": "tts-1", "input": LONG, "response_format": "pcm", "seed": 1})
+    conn.request("POST", "/v1/audio/speech", body, {**server.auth(), "Content-Type": "application/json"})
     r = conn.getresponse()
     assert r.status == 200 and len(r.read(64)) == 64
     left = time.monotonic()
