@@ -42,7 +42,9 @@ def test_bench_rejects_an_unknown_backend(tiny):
                                                     (["-v"], logging.DEBUG, logging.WARNING),
                                                     (["-vv"], logging.DEBUG, logging.DEBUG),
                                                     (["-q"], logging.ERROR, logging.WARNING)])
-def test_verbosity_flags_set_the_log_levels(flags, ours, libraries):
+def test_verbosity_flags_set_the_log_levels(flags, ours, libraries, monkeypatch):
+    for name in ("vibevoice_mlx", None):  # put the levels back afterwards: later tests rely on them
+        monkeypatch.setattr(logging.getLogger(name), "level", logging.getLogger(name).level)
     r = CliRunner().invoke(main, [*flags, "doctor", "--json"])
     assert r.exit_code == 0, r.output
     assert logging.getLogger("vibevoice_mlx").level == ours
@@ -72,6 +74,8 @@ def test_a_user_error_is_one_line_and_an_internal_error_keeps_its_traceback(tiny
 
 
 def test_quiet_hides_the_warnings(tiny, tmp_path, monkeypatch):
+    for name in ("vibevoice_mlx", None):
+        monkeypatch.setattr(logging.getLogger(name), "level", logging.getLogger(name).level)
     from vibevoice_mlx import generation
 
     monkeypatch.setattr(generation, "greedy", lambda logits, ids: ids[2])

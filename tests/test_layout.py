@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"vibevoice_mlx": ROOT / "vibevoice_mlx", "vibevoice_mlx.convert": ROOT / "convert"}
 # Commands and integrations: they may use the conversion stage (the hub cache of `say`, `vv.convert`).
 APPLICATIONS = ("vibevoice_mlx", "vibevoice_mlx.cli", "vibevoice_mlx.bench", "vibevoice_mlx.comfyui",
-                "vibevoice_mlx.server", "vibevoice_mlx.batch")
+                "vibevoice_mlx.server", "vibevoice_mlx.batch", "vibevoice_mlx.say")
 
 
 def _modules():

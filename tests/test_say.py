@@ -154,19 +154,25 @@ KILLED_RUN = textwrap.dedent(
 )
 
 
-def test_killed_run_leaves_a_valid_file(tiny, tmp_path):
+def test_killed_run_leaves_a_valid_partial_and_the_next_run_replaces_it(tiny, tmp_path, caplog, forced):
     out = tmp_path / "killed.wav"
+    partial = tmp_path / "killed.wav.partial.wav"
     proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(tiny["original"]), str(tiny["tokenizer"]),
                              str(out)], stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and (not out.exists() or out.stat().st_size < 44 + 4 * 16 * 2 * 20):
+    while time.time() < deadline and (not partial.exists() or partial.stat().st_size < 44 + 4 * 16 * 2 * 20):
         time.sleep(0.2)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    audio, sr = sf.read(out)
+    assert not out.exists()  # the final name never holds a half-made file
+    audio, sr = sf.read(partial)
     assert sr == 24000 and len(audio) >= 20 * 16 and len(audio) % 16 == 0
     assert np.abs(audio).max() > 0
+    r = _say(tiny, "Speaker 1: Hello.", "-o", out)
+    assert r.exit_code == 0, r.output
+    assert any("left by an interrupted run" in m for m in caplog.messages)
+    assert sf.info(out).frames == K * 16 and not partial.exists()
 
 
 @pytest.mark.needs_torch

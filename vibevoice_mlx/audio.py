@@ -14,25 +14,14 @@ import numpy as np
 import soundfile as sf
 
 from .constants import SAMPLE_RATE
-from .errors import MissingPathError, OutputExistsError, UserError
+from .errors import MissingPathError, UserError
+from .output import FORMATS, AudioWriter, check_output_path, output_format, write_atomically, write_audio  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
 HOP = 3200  # samples per latent frame: product of the acoustic encoder's ratios (7.5 frames/s)
 
 PathLike = Union[str, os.PathLike]
-
-# extension -> (libsndfile major format, subtype). 16-bit PCM is what the original writes.
-FORMATS = {
-    ".wav": ("WAV", "PCM_16"),
-    ".flac": ("FLAC", "PCM_16"),
-    ".ogg": ("OGG", "VORBIS"),
-    ".mp3": ("MP3", "MPEG_LAYER_III"),
-}
-
-# sndfile.h: rewrite the header after every write, so the sizes always match the data written.
-_SFC_SET_UPDATE_HEADER_AUTO = 0x1061
-
 
 def load_audio(path: PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Read any file soundfile can read as float32 mono at `sample_rate` (channels averaged, soxr resampling)."""
@@ -75,128 +64,6 @@ def voice_frames(num_samples: int, hop: int = HOP) -> int:
     return -(-int(num_samples) // hop)
 
 
-def output_format(path: Path) -> Tuple[str, str]:
-    ext = path.suffix.lower()
-    if ext not in FORMATS:
-        raise UserError(f"Cannot write {path}: unknown audio format {ext or '(no extension)'!r}; "
-                         f"use one of {', '.join(FORMATS)}.")
-    return FORMATS[ext]
-
-
-def _mono(audio) -> np.ndarray:
-    x = np.asarray(audio, dtype=np.float32)
-    if x.ndim > 1:
-        x = x.squeeze()
-    if x.ndim > 1:
-        raise ValueError(f"Expected mono audio ([T], [1, T] or [T, 1]); got shape {np.shape(audio)}")
-    return x.reshape(-1)
-
-
-def _refuse_overwrite(path: Path, force: bool):
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} already exists; pass --force (force=True) to overwrite it.")
-    if not path.parent.is_dir():
-        raise MissingPathError(f"Cannot write {path}: folder {path.parent} does not exist.")
-
-
-class AudioWriter:
-    """Write mono float32 audio chunk by chunk, so that an interrupted run leaves a valid file.
-
-    The format follows the extension (.wav, .flac, .ogg, .mp3). What survives a hard kill (SIGKILL, power cut of
-    the process) depends on the format, because libsndfile finalizes compressed files only on close:
-
-    - .wav is written in place, and libsndfile rewrites the RIFF header after every chunk: the file is valid at
-      all times and holds every chunk written.
-    - .flac, .ogg and .mp3 cannot stay valid that way (FLAC's stream header gets its length only on close; the
-      Vorbis and LAME encoders hold back up to seconds of audio). They are streamed to `<path>.partial.wav`
-      (float32 WAV, valid at all times as above) and encoded to `path` on `close()`, which also runs when the
-      `with` block exits on an exception or Ctrl-C. After a kill, `partial_path` holds everything written.
-    """
-
-    def __init__(self, path: PathLike, sample_rate: int = SAMPLE_RATE, force: bool = False,
-                 subtype: Optional[str] = None):
-        self.path = Path(path)
-        self.sample_rate = int(sample_rate)
-        self.format, self.subtype = output_format(self.path)
-        self.subtype = subtype or self.subtype
-        self.frames = 0
-        _refuse_overwrite(self.path, force)
-        if self.format == "WAV":
-            self.partial_path = None
-            stream_path, stream_subtype = self.path, self.subtype
-        else:
-            self.partial_path = self.path.with_name(self.path.name + ".partial.wav")
-            if self.partial_path.exists() and not force:
-                raise OutputExistsError(f"{self.partial_path} already exists (left by an interrupted run?); move it "
-                                      "away or pass --force (force=True).")
-            stream_path, stream_subtype = self.partial_path, "FLOAT"
-            logger.info("Writing %s through %s (encoded on close)", self.path, self.partial_path)
-        self._file = sf.SoundFile(str(stream_path), "w", self.sample_rate, 1, stream_subtype, format="WAV")
-        self._auto_header()
-
-    def _auto_header(self):
-        try:
-            # soundfile does not expose this command; its cffi handle does (sf_command is part of libsndfile's ABI).
-            ok = sf._snd.sf_command(self._file._file, _SFC_SET_UPDATE_HEADER_AUTO, sf._ffi.NULL, sf._snd.SF_TRUE)
-        except AttributeError:
-            ok = 0
-        if not ok:
-            logger.warning("Could not make libsndfile update the WAV header as it writes; an interrupted run "
-                           "leaves a header that only libsndfile-based readers accept.")
-
-    @property
-    def seconds(self) -> float:
-        """Seconds of audio written so far."""
-        return self.frames / self.sample_rate
-
-    @property
-    def closed(self) -> bool:
-        return self._file is None
-
-    def write(self, chunk) -> None:
-        """Append a chunk of mono audio (numpy, MLX or anything `np.asarray` takes; [T], [1, T] or [T, 1])."""
-        if self._file is None:
-            raise ValueError(f"{self.path} is already closed.")
-        x = _mono(chunk)
-        if x.size:
-            self._file.write(x)
-            self.frames += x.size
-
-    def close(self) -> None:
-        """Finish the file: close the stream and, for compressed formats, encode the partial WAV to `path`."""
-        if self._file is None:
-            return
-        self._file.close()
-        self._file = None
-        if self.partial_path is not None:
-            with sf.SoundFile(str(self.partial_path)) as src, \
-                    sf.SoundFile(str(self.path), "w", self.sample_rate, 1, self.subtype, format=self.format) as dst:
-                for block in src.blocks(blocksize=1 << 16, dtype="float32"):
-                    dst.write(block)
-            self.partial_path.unlink()
-
-    def __enter__(self) -> "AudioWriter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):
-        if getattr(self, "_file", None) is not None:
-            self._file.close()
-
-
-def write_audio(path: PathLike, audio, sample_rate: int = SAMPLE_RATE, force: bool = False,
-                subtype: Optional[str] = None) -> Path:
-    """Write a whole mono clip; the format follows the extension (.wav, .flac, .ogg, .mp3)."""
-    path = Path(path)
-    fmt, default_subtype = output_format(path)
-    _refuse_overwrite(path, force)
-    x = _mono(audio)
-    sf.write(str(path), x, int(sample_rate), subtype=subtype or default_subtype, format=fmt)
-    return path
-
-
 # --- saved voices ---
 
 VOICE_FORMAT = "vibevoice-mlx-voice"
@@ -213,7 +80,7 @@ def save_voice(path: PathLike, latents: np.ndarray, meta: Dict, force: bool = Fa
     from safetensors.numpy import save_file
 
     path = Path(path)
-    _refuse_overwrite(path, force)
+    check_saved_voice_path(path, force)
     latents = np.ascontiguousarray(latents, dtype=np.float32)
     if latents.ndim != 2:
         raise ValueError(f"Voice latents must be [frames, dim]; got shape {latents.shape}")
@@ -228,17 +95,26 @@ def save_voice(path: PathLike, latents: np.ndarray, meta: Dict, force: bool = Fa
     if latents.shape[0] != expected:
         raise ValueError(f"{latents.shape[0]} latent frames do not match {info['num_samples']} samples "
                          f"(expected {expected} with hop {info['hop']}).")
-    save_file({"latents": latents}, str(path), metadata=info)
-    return path
+    return write_atomically(path, lambda tmp: save_file({"latents": latents}, str(tmp), metadata=info))
+
+
+def check_saved_voice_path(path: PathLike, force: bool = False) -> Path:
+    """Where a saved voice may be written: a `.safetensors` name in a writable folder, not over a file without
+    `force`."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise UserError(f"A saved voice is a .safetensors file: name it {path.with_suffix('.safetensors').name} "
+                        f"instead of {path.name}.")
+    return check_output_path(path, force, what="saved voice")
 
 
 def load_voice(path: PathLike, vae_dim: Optional[int] = None, hop: Optional[int] = None,
                sample_rate: Optional[int] = None, model: Optional[str] = None) -> Tuple[np.ndarray, Dict]:
     """Load a voice saved by `save_voice` -> (latents [T, D] float32, meta).
 
-    Given expectations (the loaded model's vae_dim, hop, sample rate) must match the file; a different `model`
-    identifier only warns: every size has the same acoustic tokenizer configuration, though not necessarily the
-    same weights.
+    Given expectations (the loaded model's vae_dim, hop, sample rate) must match the file. `model` is the
+    fingerprint of the loaded model's acoustic encoder (`meta["encoder"]` of voices it saves): a voice encoded by
+    another model's encoder warns, since its latents do not mean the same to this one.
     """
     from safetensors import safe_open
 
@@ -268,6 +144,7 @@ def load_voice(path: PathLike, vae_dim: Optional[int] = None, hop: Optional[int]
         if want is not None and meta[key] != int(want):
             raise UserError(f"{path} was saved with {key} {meta[key]} but the model needs {want}; re-save the "
                              "voice with this model.")
-    if model is not None and meta.get("model") != model:
-        logger.warning("%s was saved with model %r; using it with %r.", path, meta.get("model"), model)
+    if model is not None and meta.get("encoder") not in (None, model):
+        logger.warning("%s was encoded by another model (%r) than the one loaded: its latents do not mean the same "
+                       "to this model's; re-save it from the audio with this model.", path, meta.get("model"))
     return latents.astype(np.float32, copy=False), meta

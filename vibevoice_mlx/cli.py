@@ -6,27 +6,12 @@ exit with one line and a non-zero status; library code logs and raises.
 
 import logging
 import sys
-from contextlib import contextmanager
 
 import click
 
-from .errors import UserError
+from .errors import CLIError, user_errors
 
 logger = logging.getLogger("vibevoice_mlx")
-
-
-class CLIError(click.ClickException):
-    """One-line error for bad input: names the problem and the fix."""
-
-
-@contextmanager
-def user_errors():
-    """A `UserError` from the library becomes a one-line message and exit 1; anything else is a bug and keeps its
-    traceback."""
-    try:
-        yield
-    except UserError as e:
-        raise CLIError(str(e)) from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -86,137 +71,6 @@ def doctor(as_json):
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
-# --- say ---
-
-
-def _read_script(text, file):
-    if file is not None:
-        return file.read()
-    if text:
-        return text
-    raise CLIError("No script: give the text as an argument or --file script.txt.")
-
-
-@main.command()
-@click.argument("text", required=False)
-@click.option("-f", "--file", type=click.File("r", encoding="utf-8"), help="Read the script from a text file.")
-@click.option("-m", "--model", default="microsoft/VibeVoice-1.5B", show_default=True,
-              help="Converted MLX folder, PyTorch checkpoint folder, or Hugging Face repo id.")
-@click.option("--voice", "voices", multiple=True,
-              help="Voice sample (any audio file) or saved voice (.safetensors), one per speaker in speaker order.")
-@click.option("--save-voice", "save_voices", multiple=True, type=click.Path(dir_okay=False),
-              help="Save the encoded latents of the --voice at the same position, to reuse without re-encoding.")
-@click.option("-o", "--output", default="output.wav", show_default=True, type=click.Path(dir_okay=False),
-              help="Output file; the format follows the extension (wav, flac, ogg, mp3).")
-@click.option("--steps", type=click.IntRange(1, 100), help="Diffusion steps (default: the model's, else 10).")
-@click.option("--cfg-scale", type=float, help="Classifier-free guidance scale (default: the model's, else 1.3).")
-@click.option("--seed", type=int, help="Seed for reproducible output.")
-@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0),
-              help="0: greedy token choice (the original); above 0: sample among the control tokens.")
-@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
-@click.option("--max-seconds", type=click.FloatRange(0, min_open=True), help="Stop after this much audio.")
-@click.option("--backend", default="mlx", show_default=True, type=click.Choice(["mlx", "torch"]))
-@click.option("--device", default="auto", show_default=True, help="torch backend: auto, mps, cuda or cpu.")
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]),
-              help="Compute dtype (default: float16 on a GPU, float32 on the CPU).")
-@click.option("--attention", default="auto", show_default=True, type=click.Choice(["auto", "sdpa", "eager"]),
-              help="torch backend: attention implementation.")
-@click.option("--tokenizer", help="Tokenizer folder or repo id, when the model folder has none.")
-@click.option("--force", is_flag=True, help="Overwrite the output file (and saved voices).")
-@click.option("--play", is_flag=True, help="Play while generating (needs: pip install 'vibevoice-mlx[play]').")
-@click.pass_context
-def say(ctx, text, file, model, voices, save_voices, output, force, play, **options):
-    """Speak TEXT (or --file) into an audio file, writing it as the audio is produced."""
-    from pathlib import Path
-
-    from .audio import output_format
-    from .processor import parse_script
-
-    script = _read_script(text, file)
-    out = Path(output)
-    # Everything that can be checked before loading the model is, so bad input never leaves a file behind.
-    with user_errors():
-        parse_script(script)
-        output_format(out)
-    if out.exists() and not force:
-        raise CLIError(f"{out} already exists; pass --force to overwrite it.")
-    if len(save_voices) > len(voices):
-        raise CLIError(f"{len(save_voices)} --save-voice paths for {len(voices)} --voice files: give one per voice.")
-    for v in voices:
-        if not Path(v).is_file():
-            raise CLIError(f"Voice file not found: {v}")
-    with user_errors():
-        _run_say(script, out, model=model, voices=list(voices), save_voices=list(save_voices), force=force,
-                 play=play, quiet=ctx.obj["quiet"], **options)
-
-
-def _run_say(script, out, *, model, voices, save_voices, force, play, quiet, backend, device, dtype, attention,
-             tokenizer, **generate_options):
-    from tqdm import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    from . import generation as gen
-    from .audio import AudioWriter
-    from .convert.cache import model_folder
-    from .loader import load
-    from .voices import encode_voices, save_voice
-
-    folder = model_folder(model, dtype=dtype, tokenizer=tokenizer) if backend == "mlx" else model
-    pipe = load(folder, backend=backend, device=device, dtype=dtype, tokenizer=tokenizer, attention=attention)
-    options = {k: v for k, v in generate_options.items() if v is not None}
-    voice_inputs = list(voices)
-    if save_voices:
-        # Encode once, as the run does (one padded batch), so a saved voice holds exactly what this run uses.
-        latents = encode_voices(pipe, voice_inputs)
-        for i, target in enumerate(save_voices):
-            save_voice(pipe, voices[i], target, force=force, latents=latents[i])
-            click.echo(f"Saved voice {voices[i]} -> {target}", err=True)
-        voice_inputs = latents
-    player = _player() if play else None
-    bar = tqdm(unit="frame", desc="Generating", dynamic_ncols=True, file=sys.stderr, disable=quiet or None)
-    last, writer = None, None
-    try:
-        with logging_redirect_tqdm(), AudioWriter(out, force=force) as writer:
-            for r in gen.stream_generate(pipe, script, voice_inputs, **options):
-                if r.audio.size:
-                    writer.write(r.audio)
-                    if player is not None:
-                        player.write(r.audio.reshape(-1, 1))
-                    bar.set_postfix_str(f"{r.audio_seconds:.1f} s audio, {r.real_time_factor:.2f}x real time",
-                                        refresh=False)
-                    if not r.is_pause:
-                        bar.update(1)
-                last = r
-    except BaseException:
-        if writer is not None and writer.frames == 0:
-            out.unlink(missing_ok=True)  # nothing was made: leave nothing behind
-        raise
-    finally:
-        bar.close()
-        if player is not None:
-            player.stop()
-            player.close()
-    if writer.frames == 0:
-        out.unlink(missing_ok=True)
-        raise UserError("The model produced no audio for this script (see the warnings above); nothing was "
-                        "written. Try another --seed, a voice sample, or rephrase the script.")
-    if last is not None:
-        click.echo(f"Wrote {out}: {last.audio_seconds:.2f} s of audio in {last.elapsed:.1f} s "
-                   f"({last.real_time_factor:.2f}x real time, peak memory {last.peak_memory_gb:.2f} GB)", err=True)
-
-
-def _player():
-    from .constants import SAMPLE_RATE
-
-    try:
-        import sounddevice
-    except (ImportError, OSError):
-        raise CLIError("--play needs the audio output extra: pip install 'vibevoice-mlx[play]'")
-    stream = sounddevice.OutputStream(samplerate=SAMPLE_RATE, channels=1, dtype="float32")
-    stream.start()
-    return stream
-
-
 # --- bench ---
 
 
@@ -265,7 +119,11 @@ def bench(model, backends, dtype, frames, runs, warmup, steps, cfg_scale, voice_
 def _register_extras():
     """Commands that live with their own part of the package."""
     from .comfyui.install import comfyui
+    from .say import say
+    from .server.cli import serve  # click only; FastAPI and uvicorn load when serve runs
 
+    main.add_command(say)
+    main.add_command(serve)
     main.add_command(comfyui)
 
 

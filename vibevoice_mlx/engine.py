@@ -69,6 +69,28 @@ class _Row:
     frames: int = 0
 
 
+class _Float32Frame:
+    """Float32 copies of what a frame step uses (head, decoder, semantic encoder, connectors), shaped like the
+    model for `FrameStep`; made only when a half-precision run needs them (about 3 GB for the real sizes)."""
+
+    def __init__(self, model: Model):
+        import copy
+        from types import SimpleNamespace
+
+        m = model.model
+        parts = {}
+        for name in ("prediction_head", "acoustic_connector", "semantic_connector"):
+            parts[name] = copy.deepcopy(getattr(m, name))
+        parts["acoustic_tokenizer"] = SimpleNamespace(decoder=copy.deepcopy(m.acoustic_tokenizer.decoder))
+        parts["semantic_tokenizer"] = SimpleNamespace(encoder=copy.deepcopy(m.semantic_tokenizer.encoder))
+        for module in (parts["prediction_head"], parts["acoustic_connector"], parts["semantic_connector"],
+                       parts["acoustic_tokenizer"].decoder, parts["semantic_tokenizer"].encoder):
+            module.set_dtype(mx.float32)
+        self.model = SimpleNamespace(**parts)
+        self.config = model.config
+        self.unscale_latents = model.unscale_latents  # float32 already
+
+
 def _take(state: List[mx.array], rows: mx.array) -> List[mx.array]:
     return [s[rows] for s in state]
 
@@ -90,6 +112,18 @@ class MLXBackend:
             # Only the control tokens are ever scored: the rest of an untied head is dead weight (7B: 1.1 GB).
             del model.lm_head
         self._frame_steps: Dict[tuple, FrameStep] = {}  # (steps, cfg, dtype, compile): compiled once per setting
+
+    @property
+    def encoder_fingerprint(self) -> str:
+        """Identifies the acoustic encoder's weights (whatever the dtype they were loaded in), so a saved voice
+        used with another model is noticed."""
+        import hashlib
+
+        enc = self.model.model.acoustic_tokenizer.encoder
+        h = hashlib.sha1()
+        for w in (enc.downsample_layers[0][0].conv.conv.weight, enc.head.conv.conv.weight):
+            h.update(np.array(w.astype(mx.float16)).tobytes())
+        return h.hexdigest()[:16]
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -136,12 +170,28 @@ class MLXBackend:
 
     # --- the frame loop ---------------------------------------------------------------------------------------
 
-    def frame_step(self, settings: FrameSettings) -> FrameStep:
-        key = (settings.steps, settings.cfg_scale, self.dtype, settings.compile)
+    def frame_step(self, settings: FrameSettings, dtype: Optional[mx.Dtype] = None) -> FrameStep:
+        """The compiled frame step for these settings; `dtype=float32` runs the frame stages on float32 copies
+        (the numerical recovery of a half-precision run)."""
+        dtype = dtype or self.dtype
+        key = (settings.steps, settings.cfg_scale, dtype, settings.compile)
         if key not in self._frame_steps:
-            self._frame_steps[key] = FrameStep(self.model, self.solver, settings.steps, settings.cfg_scale,
-                                               self.dtype, settings.compile)
+            model = self.model if dtype == self.dtype else _Float32Frame(self.model)
+            self._frame_steps[key] = FrameStep(model, self.solver, settings.steps, settings.cfg_scale, dtype,
+                                               settings.compile)
+            self._frame_steps[key].dtype = dtype
         return self._frame_steps[key]
+
+    def _frame(self, frame_step, rows, pos_h, neg_h, noise, dec_state, sem_state, recover=True):
+        """Run the frame step and read its audio back (one evaluation). With `recover` in a half-precision run,
+        a non-finite result of the rows that made a frame returns `chunks=None`, for the caller to redo."""
+        _, audio, x, new_dec, new_sem = frame_step(pos_h, neg_h, noise, dec_state, sem_state)
+        finite = mx.all(mx.isfinite(x[mx.array(rows)]))
+        mx.eval(x, audio, new_dec, new_sem, finite)
+        chunks = np.array(audio[..., 0].astype(mx.float32))
+        if recover and self.dtype != mx.float32 and not (finite.item() and np.isfinite(chunks[rows]).all()):
+            return audio, x, new_dec, new_sem, None
+        return audio, x, new_dec, new_sem, chunks
 
     def _prefill(self, source: int, job: SegmentJob, chunk: int):
         """A segment's prompt through the positive branch alone -> (its row, its one-slot CFG cache)."""
@@ -198,7 +248,8 @@ class MLXBackend:
             events, diffuse, ended, restart, fresh_streams = [], [], [], [], []
             for k, r in enumerate(rows):
                 if not finite[k]:
-                    raise NumericsError(f"non-finite language-model output at step {r.step} ({self.dtype_name})")
+                    raise NumericsError(f"non-finite language-model output at step {r.step} ({self.dtype_name})",
+                                        self.dtype_name)
                 token = r.job.sampler(logits[k], allowed)
                 if token not in allowed:
                     raise ValueError(f"sampler returned token {token}, not one of the control tokens {allowed}")
@@ -225,7 +276,21 @@ class MLXBackend:
                 noise = np.zeros((len(rows), latent_dim), np.float32)
                 for k in diffuse:
                     noise[k] = np.asarray(rows[k].job.noise(), np.float32).reshape(-1)
-                _, audio, xn, new_dec, new_sem = frame_step(pos_h, neg_h, mx.array(noise), dec_state, sem_state)
+                noise = mx.array(noise)
+                audio, xn, new_dec, new_sem, chunks = self._frame(frame_step, diffuse, pos_h, neg_h, noise,
+                                                                  dec_state, sem_state)
+                if chunks is None:
+                    # An activation overflowed in a half-precision dtype: this frame again, with the diffusion
+                    # head, decoder, semantic encoder and connectors in float32, and so on for the rest of the run.
+                    logger.warning("Non-finite values in frame %d (%s); recomputed it with the frame stages in "
+                                   "float32, which the rest of this run keeps.", rows[diffuse[0]].frames + 1,
+                                   self.dtype_name)
+                    frame_step = self.frame_step(settings, mx.float32)
+                    dec_state = [a.astype(mx.float32) for a in dec_state]
+                    sem_state = [a.astype(mx.float32) for a in sem_state]
+                    audio, xn, new_dec, new_sem, chunks = self._frame(
+                        frame_step, diffuse, pos_h.astype(mx.float32), neg_h.astype(mx.float32), noise, dec_state,
+                        sem_state, recover=False)
                 if len(diffuse) == len(rows):
                     dec_state, sem_state = new_dec, new_sem
                 else:  # rows without a frame this step keep their streams as they were
@@ -234,12 +299,11 @@ class MLXBackend:
                     keep = mx.array(keep)
                     dec_state = [mx.where(keep[:, None, None], n, o) for n, o in zip(new_dec, dec_state)]
                     sem_state = [mx.where(keep[:, None, None], n, o) for n, o in zip(new_sem, sem_state)]
-                mx.eval(xn, audio, dec_state, sem_state)
-                chunks = np.array(audio[..., 0].astype(mx.float32))
                 for k in diffuse:
                     r = rows[k]
                     if not np.isfinite(chunks[k]).all():
-                        raise NumericsError(f"non-finite audio in frame {r.frames + 1} ({self.dtype_name})")
+                        raise NumericsError(f"non-finite audio in frame {r.frames + 1} ({self.dtype_name})",
+                                            "float32" if frame_step.dtype == mx.float32 else self.dtype_name)
                     r.frames += 1
                     r.x = xn[k:k + 1]
                     events.append((r.source, t.speech_diffusion, chunks[k]))

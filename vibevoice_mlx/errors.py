@@ -8,11 +8,16 @@ class UserError(ValueError):
 
 
 class NumericsError(UserError):
-    """Inf or NaN during generation: in float16, an activation overflowed (architecture.md §8)."""
+    """Inf or NaN during generation. In float16 an activation overflowed (architecture.md §8); in a wider dtype
+    the values came in already broken (the weights or an input)."""
 
-    def __init__(self, what: str):
-        super().__init__(f"{what}: a float16 overflow is the likely cause; run again with --dtype bfloat16 "
-                         "(dtype='bfloat16') or float32.")
+    def __init__(self, what: str, dtype: str = "float16"):
+        if dtype == "float16":
+            fix = "a float16 overflow is the likely cause; run again with --dtype bfloat16 (dtype='bfloat16') or float32"
+        else:
+            fix = (f"in {dtype} this is no overflow: the model's weights hold inf/NaN values; convert or download the "
+                   "model again")
+        super().__init__(f"{what}: {fix}.")
 
 
 class OutputExistsError(UserError, FileExistsError):
@@ -21,3 +26,24 @@ class OutputExistsError(UserError, FileExistsError):
 
 class MissingPathError(UserError, FileNotFoundError):
     """An input or output path that does not exist."""
+
+
+# --- the command line's side ---------------------------------------------------------------------------------
+
+import contextlib  # noqa: E402
+
+import click  # noqa: E402
+
+
+class CLIError(click.ClickException):
+    """One-line error for bad input on the command line: names the problem and the fix (exit 1)."""
+
+
+@contextlib.contextmanager
+def user_errors():
+    """A `UserError` from the library becomes a one-line message and exit 1; anything else is a bug and keeps
+    its traceback."""
+    try:
+        yield
+    except UserError as e:
+        raise CLIError(str(e)) from None

@@ -20,6 +20,7 @@ import numpy as np
 from .backend import NEXT, TRUNCATED, FrameSettings, Sampler, SegmentJob, greedy
 from .constants import DEFAULT_CFG_SCALE, DEFAULT_STEPS, SAMPLE_RATE
 from .errors import UserError
+from .preflight import check_context
 from .processor import Pause, build_prompt, parse_script, script_speakers
 from .voices import prepare_voices
 
@@ -44,6 +45,29 @@ class GenerationConfig:
     prefill_chunk: int = 512
     free_memory_after_generate: bool = False  # release MLX/torch caches when the scripts are done
     compile: bool = True  # fuse each frame's diffusion, decode and re-encode with mx.compile (same results)
+
+    def __post_init__(self):
+        """Every option is checked before any work starts; a bad one is a one-line error naming it."""
+
+        def number(name, value, low, high, integer=False, low_open=False):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            ok = ok and (not integer or float(value).is_integer())
+            ok = ok and (value > low if low_open else value >= low) and value <= high
+            if not ok:
+                kind = "a whole number" if integer else "a number"
+                bound = f"above {low}" if low_open else f"from {low}"
+                raise UserError(f"{name} must be {kind} {bound} to {high}; got {value!r}.")
+
+        number("steps", self.steps, 1, 1000, integer=True)
+        number("cfg_scale", self.cfg_scale, 0, 100)
+        number("temperature", self.temperature, 0, 100)
+        number("top_p", self.top_p, 0, 1, low_open=True)
+        number("prefill_chunk", self.prefill_chunk, 1, 1 << 20, integer=True)
+        if self.seed is not None:
+            number("seed", self.seed, 0, 2**64 - 1, integer=True)
+        if self.max_seconds is not None:
+            number("max_seconds", self.max_seconds, 0, 24 * 3600, low_open=True)
+        self.steps = int(self.steps)
 
 
 @dataclass
@@ -183,12 +207,7 @@ class ScriptRun:
                 continue
             prompt = build_prompt(self.pipe.tokenizer, item.lines, self.frames_per_voice, self.pipe.tokens,
                                   num_speakers=len(self.speakers))
-            limit = self.pipe.config.max_positions
-            if len(prompt.input_ids) >= limit:
-                per_second = SAMPLE_RATE / self.pipe.hop_length
-                raise UserError(f"The prompt has {len(prompt.input_ids)} tokens, more than the model's context of "
-                                f"{limit}: use shorter voice samples (each second costs {per_second:g} tokens) or "
-                                "split the script.")
+            check_context([len(prompt.input_ids)], self.pipe.config.max_positions, self.pipe.hop_length)
             budget = None if self.max_frames is None else self.max_frames - self.frames
             return SegmentJob(prompt, self.voices, self.sampler, self.noise, budget, self.stop, self.config.seed)
         self.finish()

@@ -82,6 +82,10 @@ _BRACKET_RE = re.compile(r"^\[(\d+)\]\s*:\s*(.*)$")
 _PAUSE_START_RE = re.compile(r"\[\s*pause", re.IGNORECASE)
 _PAUSE_RE = re.compile(r"\[\s*pause\s*(?::\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s)\s*)?\]", re.IGNORECASE)
 _QUOTES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"'})
+# Lines that look meant as a speaker label but are not one ("Speaker1:", "Speaker 2 hi", "[1] hi"): read aloud
+# as text, as the original would, but said.
+_NEAR_LABEL_RE = re.compile(r"^(speaker\s*\d+\s*[:\-.,]?|speaker\d+|\[\s*\d+\s*\]\s*[^:\s]?)", re.IGNORECASE)
+MAX_PAUSE_SECONDS = 60.0  # one tag's silence; a typo like [pause:99999s] must not allocate gigabytes
 
 
 def _split_pauses(text: str, line_no: int) -> List[Union[str, Pause]]:
@@ -98,6 +102,9 @@ def _split_pauses(text: str, line_no: int) -> List[Union[str, Pause]]:
             raise UserError(f"Malformed pause tag {tag!r} on line {line_no}: use [pause] (1 s), [pause:500ms] "
                              "or [pause:1.5s].")
         seconds = 1.0 if m.group(1) is None else float(m.group(1)) / (1000.0 if m.group(2).lower() == "ms" else 1)
+        if seconds > MAX_PAUSE_SECONDS:
+            raise UserError(f"Pause tag {m.group(0)!r} on line {line_no} asks for {seconds:g} s of silence; one tag "
+                            f"is at most {MAX_PAUSE_SECONDS:g} s: use several tags for a longer one.")
         out += [text[pos:m.start()], Pause(seconds)]
         pos = m.end()
     out.append(text[pos:])
@@ -114,6 +121,7 @@ def parse_script(script: str) -> List[ScriptItem]:
     pause on the same line. Curly quotes become straight ones.
     """
     pieces: List[Tuple[int, Union[str, Pause]]] = []
+    script = script.lstrip("\ufeff")  # a byte-order mark is not text
     for line_no, raw in enumerate(script.translate(_QUOTES).splitlines(), start=1):
         pieces += [(line_no, p if isinstance(p, Pause) else p.strip()) for p in _split_pauses(raw, line_no)]
     has_label = any(isinstance(p, str) and (_SPEAKER_RE.match(p) or _BRACKET_RE.match(p)) for _, p in pieces)
@@ -137,6 +145,9 @@ def parse_script(script: str) -> List[ScriptItem]:
                              "Start it with 'Speaker N:'.")
         else:
             text, new_turn = piece, not joinable
+            if _NEAR_LABEL_RE.match(piece):
+                logger.warning("Line %d looks like a speaker label but is not one: %r is read aloud. Write it as "
+                               "'Speaker N: text' or '[N]: text'.", line_no, piece[:40])
         if current is None:
             current = Segment()
             items.append(current)
@@ -160,6 +171,50 @@ def parse_script(script: str) -> List[ScriptItem]:
     if len(set(ids)) > 4:
         logger.warning("The script has %d speakers; VibeVoice was trained with up to 4.", len(set(ids)))
     return items
+
+
+# Encodings a script file is read in, decided from its bytes: a byte-order mark says it; else UTF-8; else a
+# single-byte Windows/Latin text, said. Anything else is refused, naming what was found.
+_BOMS = [(b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"),
+         (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16")]
+
+
+def read_script_file(path) -> str:
+    """The text of a script file as a person writes one: UTF-8 (with or without a BOM), UTF-16/32 with a BOM,
+    CRLF or LF line ends, or a Windows-1252 / Latin-1 file (with a warning). Other bytes are a one-line error."""
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"Script file not found: {path}") from None
+    except IsADirectoryError:
+        raise UserError(f"{path} is a folder, not a script file.") from None
+    except OSError as e:
+        raise UserError(f"Cannot read the script file {path}: {e.strerror}.") from None
+    for bom, encoding in _BOMS:
+        if data.startswith(bom):
+            try:
+                return data.decode(encoding).lstrip("\ufeff")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path} starts with a {encoding.upper()} byte-order mark but is not valid "
+                                f"{encoding.upper()} (byte {e.start}): save it again as UTF-8.") from None
+    if b"\x00" in data:
+        raise UserError(f"{path} holds NUL bytes: it looks like UTF-16 or UTF-32 without a byte-order mark, or not "
+                        "text at all. Save it as UTF-8.")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad = e.start
+    try:
+        text = data.decode("cp1252")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 (byte {bad}) nor a Windows-1252/Latin-1 text: save it as "
+                        "UTF-8.") from None
+    logger.warning("%s is not UTF-8 (byte %d); read it as Windows-1252 (Latin-1). Save it as UTF-8 if some "
+                   "characters come out wrong.", path, bad)
+    return text
 
 
 def label_offset(ids: Sequence[int]) -> int:

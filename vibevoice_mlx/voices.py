@@ -11,8 +11,9 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from .audio import load_audio, load_voice, normalize_voice, save_voice as write_voice
-from .errors import UserError
+from .audio import check_saved_voice_path, load_audio, load_voice, normalize_voice, save_voice as write_voice
+from .constants import SAMPLE_RATE
+from .errors import MissingPathError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -27,19 +28,54 @@ def prepare_voices(pipe, voices: Optional[Sequence], num_speakers: int) -> List[
         logger.warning("%d voices for %d speaker(s): the last %d are not used.", len(voices), num_speakers,
                        len(voices) - num_speakers)
         voices = voices[:num_speakers]
-    out = []
-    for v in voices:
-        if isinstance(v, np.ndarray):
-            if v.ndim == 2 and v.shape[1] != pipe.config.acoustic_vae_dim:
-                raise UserError(f"A 2-D voice array must be saved latents [frames, {pipe.config.acoustic_vae_dim}]; "
-                                f"got shape {v.shape}. Pass audio as a 1-D float32 array at 24 kHz.")
-            out.append(normalize_voice(v.astype(np.float32)) if v.ndim == 1 else v.astype(np.float32))
-        elif str(v).endswith(".safetensors"):
-            latents, _ = load_voice(v, vae_dim=pipe.config.acoustic_vae_dim, hop=pipe.hop_length)
-            out.append(latents)
-        else:
-            out.append(normalize_voice(load_audio(v)))
-    return out
+    return [read_voice(v, i, pipe.config.acoustic_vae_dim, pipe.hop_length, _fingerprint(pipe))
+            for i, v in enumerate(voices)]
+
+
+def _fingerprint(pipe) -> Optional[str]:
+    return getattr(pipe.backend, "encoder_fingerprint", None)
+
+
+MIN_VOICE_SECONDS = 1.0  # shorter clips carry little of a voice: said, not refused
+
+
+def read_voice(voice, index: int = 0, vae_dim: Optional[int] = None, hop: Optional[int] = None,
+               fingerprint: Optional[str] = None, normalize: bool = True) -> np.ndarray:
+    """One voice as a float32 array: 1-D 24 kHz audio (normalized to -25 dBFS unless `normalize=False`), or 2-D
+    saved latents [frames, vae_dim].
+
+    Refused in one line: unreadable files, non-finite samples, silence. Said: clips under a second.
+    """
+    name = f"voice {index + 1}" if isinstance(voice, np.ndarray) else str(voice)
+    if not isinstance(voice, np.ndarray) and not Path(voice).is_file():
+        raise MissingPathError(f"Voice file not found: {voice}")
+    if isinstance(voice, np.ndarray):
+        v = np.asarray(voice, np.float32)
+        if v.ndim == 2:
+            if vae_dim is not None and v.shape[1] != vae_dim:
+                raise UserError(f"A 2-D voice array must be saved latents [frames, {vae_dim}]; got shape {v.shape}. "
+                                "Pass audio as a 1-D float32 array at 24 kHz.")
+            if not np.isfinite(v).all():
+                raise UserError(f"{name}: the latents hold NaN or infinite values.")
+            return v
+        if v.ndim != 1 or v.size == 0:
+            raise UserError(f"{name}: expected a non-empty 1-D float32 array of 24 kHz audio, got shape {v.shape}.")
+        audio = v
+    elif str(voice).endswith(".safetensors"):
+        latents, _ = load_voice(voice, vae_dim=vae_dim, hop=hop, model=fingerprint)
+        if not np.isfinite(latents).all():
+            raise UserError(f"{name}: the saved latents hold NaN or infinite values; save the voice again.")
+        return latents
+    else:
+        audio = load_audio(voice)
+    if not np.isfinite(audio).all():
+        raise UserError(f"{name} holds NaN or infinite samples: it is not usable as a voice; export it again.")
+    if float(np.max(np.abs(audio))) < 1e-5:
+        raise UserError(f"{name} is silent: a voice sample needs someone speaking (3 to 30 s clone best).")
+    seconds = len(audio) / SAMPLE_RATE
+    if seconds < MIN_VOICE_SECONDS:
+        logger.warning("%s is only %.2f s long; voices clone best from 3 to 30 s of clear speech.", name, seconds)
+    return normalize_voice(audio) if normalize else audio
 
 
 def encode_voices(pipe, voices: Sequence) -> List[np.ndarray]:
@@ -57,13 +93,13 @@ def save_voice(pipe, voice, path, force: bool = False, latents: Optional[np.ndar
     `latents` may be given when the voice was already encoded (with `encode_voices`, as part of a batch), so the
     file holds exactly what that run used. Returns the path.
     """
-    if isinstance(voice, np.ndarray):
-        audio = normalize_voice(np.asarray(voice, np.float32))
-    elif str(voice).endswith(".safetensors"):
+    check_saved_voice_path(path, force)
+    if not isinstance(voice, np.ndarray) and str(voice).endswith(".safetensors"):
         raise UserError(f"{voice} is already a saved voice; give the audio file it was made from.")
-    else:
-        audio = normalize_voice(load_audio(voice))
+    audio = read_voice(voice)
     if latents is None:
         latents = encode_voices(pipe, [audio])[0]
-    return write_voice(path, latents, {"num_samples": len(audio), "model": pipe.folder.name,
-                                       "hop": pipe.hop_length}, force=force)
+    meta = {"num_samples": len(audio), "model": pipe.folder.name, "hop": pipe.hop_length}
+    if _fingerprint(pipe):
+        meta["encoder"] = _fingerprint(pipe)
+    return write_voice(path, latents, meta, force=force)

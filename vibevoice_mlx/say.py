@@ -1,0 +1,242 @@
+"""`vibevoice-mlx say`: a script into an audio file, with everything checked before anything slow starts.
+
+Order of work: read and parse the script, check every output path, read every voice, validate every option,
+open the audio device; then read the model's config and tokenizer (no weights) to check that each prompt fits
+the context and that the model fits in memory; only then load the weights. The output is written as audio is
+made, through `output.AudioWriter`: the final name only ever holds a complete file, Ctrl-C and SIGTERM keep what
+was made, a second run on the same path is refused.
+"""
+
+import logging
+import math
+import signal
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+from .errors import CLIError, UserError, user_errors
+
+logger = logging.getLogger(__name__)
+
+
+def _read_script(text, file):
+    from .processor import read_script_file
+
+    if file is not None and text:
+        raise CLIError("Give the script as an argument or with --file, not both.")
+    if file is not None:
+        return read_script_file(file)
+    if text:
+        return text
+    raise CLIError("No script: give the text as an argument or --file script.txt.")
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM during a run; carries the exit status the shell expects (128 + signal)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.status = 128 + signum
+
+
+@contextmanager
+def _signals_interrupt():
+    """SIGINT and SIGTERM end the run through the normal exit path, so the output is finalized with what was
+    made; restored afterwards."""
+
+    def handler(signum, frame):
+        raise Interrupted(signum)
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread: leave the defaults
+            pass
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@click.command()
+@click.argument("text", required=False)
+@click.option("-f", "--file", type=click.Path(dir_okay=False), help="Read the script from a text file.")
+@click.option("-m", "--model", default="microsoft/VibeVoice-1.5B", show_default=True,
+              help="Converted MLX folder, PyTorch checkpoint folder, or Hugging Face repo id.")
+@click.option("--voice", "voices", multiple=True,
+              help="Voice sample (any audio file) or saved voice (.safetensors), one per speaker in speaker order.")
+@click.option("--save-voice", "save_voices", multiple=True, type=click.Path(dir_okay=False),
+              help="Save the encoded latents of the --voice at the same position (a .safetensors file).")
+@click.option("-o", "--output", default="output.wav", show_default=True, type=click.Path(dir_okay=False),
+              help="Output file; the format follows the extension (wav, flac, ogg, mp3).")
+@click.option("--steps", type=click.IntRange(1, 100), help="Diffusion steps (default: the model's, else 10).")
+@click.option("--cfg-scale", type=click.FloatRange(0, 100), help="Classifier-free guidance scale (default: the "
+              "model's, else 1.3).")
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), help="Seed for reproducible output.")
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0, 100),
+              help="0: greedy token choice (the original); above 0: sample among the control tokens.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--max-seconds", type=click.FloatRange(0, 24 * 3600, min_open=True), help="Stop after this much audio.")
+@click.option("--backend", default="mlx", show_default=True, type=click.Choice(["mlx", "torch"]))
+@click.option("--device", default="auto", show_default=True, help="torch backend: auto, mps, cuda or cpu.")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]),
+              help="Compute dtype (default: float16 on a GPU, float32 on the CPU).")
+@click.option("--attention", default="auto", show_default=True, type=click.Choice(["auto", "sdpa", "eager"]),
+              help="torch backend: attention implementation.")
+@click.option("--tokenizer", help="Tokenizer folder or repo id, when the model folder has none.")
+@click.option("--force", is_flag=True, help="Overwrite the output file and saved voices; skip the memory check.")
+@click.option("--play", is_flag=True, help="Play while generating (needs: pip install 'vibevoice-mlx[play]').")
+@click.pass_context
+def say(ctx, text, file, model, voices, save_voices, output, force, play, **options):
+    """Speak TEXT (or --file) into an audio file, writing it as the audio is produced."""
+    quiet = bool((ctx.find_root().obj or {}).get("quiet"))
+    with user_errors():
+        status = _say(text, file, model, list(voices), list(save_voices), Path(output), force, play, quiet, options)
+    if status:
+        ctx.exit(status)
+
+
+def _say(text, file, model, voices, save_voices, out, force, play, quiet, options) -> int:
+    from .audio import check_saved_voice_path
+    from .generation import GenerationConfig
+    from .output import check_output_path, output_format
+    from .processor import parse_script, script_speakers
+    from .voices import read_voice
+
+    script = _read_script(text, file)
+    items = parse_script(script)
+    speakers = script_speakers(items)
+    check_output_path(out, force)
+    output_format(out)
+    if len(save_voices) > len(voices):
+        raise UserError(f"{len(save_voices)} --save-voice paths for {len(voices)} --voice files: give one per voice.")
+    for i, target in enumerate(save_voices):
+        check_saved_voice_path(target, force)
+        if str(voices[i]).endswith(".safetensors"):
+            raise UserError(f"--save-voice {target}: {voices[i]} is already a saved voice; give the audio file.")
+    if options["backend"] == "torch" and any(str(v).endswith(".safetensors") for v in voices):
+        raise UserError("Saved voices (.safetensors) need the MLX backend; give the audio file with --backend torch.")
+    # read (and checked) once; normalized by generation, exactly as a file path would be
+    voice_inputs = [v if str(v).endswith(".safetensors") else read_voice(v, i, normalize=False)
+                    for i, v in enumerate(voices)]
+    if voice_inputs and len(voice_inputs) < len(speakers):
+        raise UserError(f"The script has {len(speakers)} speakers but only {len(voices)} voice(s) were given: "
+                        "give one voice per speaker, in speaker order, or none.")
+    backend, device, dtype = options.pop("backend"), options.pop("device"), options.pop("dtype")
+    attention, tokenizer = options.pop("attention"), options.pop("tokenizer")
+    generate_options = {k: v for k, v in options.items() if v is not None}
+    GenerationConfig(**generate_options)  # every option checked now, not after loading
+    player = _player() if play else None
+    try:
+        with _signals_interrupt():
+            pipe = _load_checked(model, backend, device, dtype, attention, tokenizer, items, speakers, voice_inputs,
+                                 force)
+            return _generate(pipe, script, out, voices, voice_inputs, save_voices, force, player, quiet,
+                             generate_options)
+    finally:
+        if player is not None:
+            player.stop()
+            player.close()
+
+
+def _load_checked(model, backend, device, dtype, attention, tokenizer, items, speakers, voice_inputs, force):
+    """Config and tokenizer first (the prompts must fit, the model must fit in memory), then the weights."""
+    from .checkpoint import read_checkpoint
+    from .convert.cache import model_folder
+    from .loader import load, load_tokenizer, resolve_folder
+    from .model import ModelConfig
+    from .preflight import check_context, check_memory, default_dtype_name, prompt_lengths
+    from .processor import SpecialTokens
+
+    folder = model_folder(model, dtype=dtype, tokenizer=tokenizer) if backend == "mlx" else model
+    ckpt = read_checkpoint(resolve_folder(folder))
+    config = ModelConfig.from_normalized(ckpt.normalized, ckpt.quantization)
+    tok = load_tokenizer(ckpt.folder, tokenizer)
+    try:
+        tokens = SpecialTokens.from_tokenizer(tok, config.token_ids)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    frames = [math.ceil(len(v) / config.hop_length) if not isinstance(v, str) else _saved_frames(v)
+              for v in voice_inputs]
+    lengths = prompt_lengths(tok, tokens, items, frames, len(speakers))
+    check_context(lengths, config.max_positions, config.hop_length)
+    if backend == "mlx" and not force:
+        longest = max(lengths)
+        check_memory(ckpt, config, dtype or default_dtype_name(), min(config.max_positions, 3 * longest))
+    return load(ckpt.folder, backend=backend, device=device, dtype=dtype, tokenizer=tokenizer, attention=attention)
+
+
+def _saved_frames(path) -> int:
+    from .audio import load_voice
+
+    return int(load_voice(path)[0].shape[0])
+
+
+def _generate(pipe, script, out, voices, voice_inputs, save_voices, force, player, quiet, options) -> int:
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from . import generation as gen
+    from .output import AudioWriter
+    from .voices import encode_voices, save_voice
+
+    if save_voices:
+        # Encode once, as the run does (one padded batch), so a saved voice holds exactly what this run uses.
+        latents = encode_voices(pipe, voice_inputs)
+        for i, target in enumerate(save_voices):
+            save_voice(pipe, voice_inputs[i], target, force=force, latents=latents[i])
+            click.echo(f"Saved voice {voices[i]} -> {target}", err=True)
+        voice_inputs = latents
+    bar = tqdm(unit="frame", desc="Generating", dynamic_ncols=True, file=sys.stderr, disable=quiet or None)
+    last, writer, status = None, None, 0
+    try:
+        with logging_redirect_tqdm(), AudioWriter(out, force=force) as writer:
+            for r in gen.stream_generate(pipe, script, voice_inputs, **options):
+                if r.audio.size:
+                    writer.write(r.audio)
+                    if player is not None:
+                        player.write(r.audio.reshape(-1, 1))
+                    bar.set_postfix_str(f"{r.audio_seconds:.1f} s audio, {r.real_time_factor:.2f}x real time",
+                                        refresh=False)
+                    if not r.is_pause:
+                        bar.update(1)
+                last = r
+    except Interrupted as e:
+        status = e.status
+    finally:
+        bar.close()
+    if writer is None or writer.frames == 0:
+        if status:
+            click.echo(f"Interrupted ({signal.Signals(status - 128).name}) before any audio was made; nothing was "
+                       "written.", err=True)
+            return status
+        raise UserError("The model produced no audio for this script (see the warnings above); nothing was "
+                        "written. Try another --seed, a voice sample, or rephrase the script.")
+    if status:
+        click.echo(f"Interrupted ({signal.Signals(status - 128).name}): kept the {writer.seconds:.2f} s made so far "
+                   f"in {out}", err=True)
+        return status
+    if last is not None:
+        click.echo(f"Wrote {out}: {last.audio_seconds:.2f} s of audio in {last.elapsed:.1f} s "
+                   f"({last.real_time_factor:.2f}x real time, peak memory {last.peak_memory_gb:.2f} GB)", err=True)
+    return 0
+
+
+def _player():
+    from .constants import SAMPLE_RATE
+
+    try:
+        import sounddevice
+    except (ImportError, OSError):
+        raise UserError("--play needs the audio output extra: pip install 'vibevoice-mlx[play]'") from None
+    try:
+        stream = sounddevice.OutputStream(samplerate=SAMPLE_RATE, channels=1, dtype="float32")
+        stream.start()
+    except Exception as e:  # PortAudioError and friends: no device, busy device
+        raise UserError(f"--play: no usable audio output device ({str(e).splitlines()[0]}); run without --play.") \
+            from None
+    return stream
