@@ -118,6 +118,7 @@ def bench(model, backends, dtype, frames, runs, warmup, steps, cfg_scale, voice_
 
 def _register_extras():
     """Commands that live with their own part of the package."""
+    from .batch import batch
     from .comfyui.install import comfyui
     from .say import say
     from .server.cli import serve  # click only; FastAPI and uvicorn load when serve runs
@@ -125,6 +126,7 @@ def _register_extras():
     main.add_command(say)
     main.add_command(serve)
     main.add_command(comfyui)
+    main.add_command(batch)
 
 
 _register_extras()
