@@ -18,9 +18,16 @@ def cache_root() -> Path:
 
 
 def cached_conversion(repo: str, revision: Optional[str], dtype: str) -> Path:
-    """Where a hub PyTorch checkpoint converted for the commands lives."""
+    """Where a hub PyTorch checkpoint converted for the commands lives: keyed by the resolved revision (the
+    snapshot's commit), so a repo that moved on is converted again instead of served stale."""
     name = repo.replace("/", "--") + (f"--{revision}" if revision else "") + f"--{dtype}"
     return cache_root() / "models" / name
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def model_folder(model: str, revision: Optional[str] = None, dtype: Optional[str] = None,
@@ -35,7 +42,16 @@ def model_folder(model: str, revision: Optional[str] = None, dtype: Optional[str
     source = hub.resolve(model, revision)
     if weight_format(source) == MLX:
         return str(source)
-    target = cached_conversion(model, revision, dtype or "float16")
+    commit = hub.snapshot_commit(source)
+    target = cached_conversion(model, commit[:12] if commit else revision, dtype or "float16")
+    if _offline() and commit:
+        logger.info("Offline: using %s at revision %s from the cache; a newer revision can only be seen online.",
+                    model, commit[:12])
+    older = sorted(p.name for p in target.parent.glob(model.replace("/", "--") + "--*")
+                   if p != target and p.name.endswith(f"--{dtype or 'float16'}")) if target.parent.is_dir() else []
+    if older:
+        logger.info("Earlier conversions of %s in %s: %s (delete them to free space).", model, target.parent,
+                    ", ".join(older))
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         logger.warning("Converting %s to MLX once, into %s", model, target)

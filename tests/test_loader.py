@@ -13,7 +13,7 @@ import vibevoice_mlx as vv
 from vibevoice_mlx import generation
 from vibevoice_mlx.cli import main
 from vibevoice_mlx.loader import LoadError, load_model
-from vibevoice_mlx.testing import cache_repo, offline_hub
+from vibevoice_mlx.testing import HUB_COMMIT, cache_repo, offline_hub
 
 
 def _params(model):
@@ -94,8 +94,19 @@ def test_say_converts_a_hub_checkpoint_once_and_reuses_it(tiny, tmp_path, monkey
         assert r.exit_code == 0, r.output
     assert len(conversions) == 1
     converted = list((tmp_path / "vv-cache" / "models").iterdir())
-    assert [p.name for p in converted] == ["someone--VibeVoice-tiny-hf--float16"]
+    assert [p.name for p in converted] == [f"someone--VibeVoice-tiny-hf--{HUB_COMMIT[:12]}--float16"]
     assert (tmp_path / "a.wav").read_bytes() == (tmp_path / "b.wav").read_bytes()
+    # The repo moves to a new revision: the cached conversion of the old one is not reused.
+    new = "fedcba9876543210fedcba9876543210fedcba98"
+    root = cache / "models--someone--VibeVoice-tiny-hf"
+    shutil.copytree(root / "snapshots" / HUB_COMMIT, root / "snapshots" / new)
+    (root / "refs" / "main").write_text(new)
+    r = runner.invoke(main, ["say", "Speaker 1: Hi.", "--model", "someone/VibeVoice-tiny-hf", "-o",
+                             str(tmp_path / "c.wav"), "--seed", "3"])
+    assert r.exit_code == 0, r.output
+    assert len(conversions) == 2
+    assert sorted(p.name for p in (tmp_path / "vv-cache" / "models").iterdir()) == sorted(
+        [f"someone--VibeVoice-tiny-hf--{HUB_COMMIT[:12]}--float16", f"someone--VibeVoice-tiny-hf--{new[:12]}--float16"])
 
 
 @pytest.mark.needs_torch

@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import mlx.core as mx
 import mlx.nn as nn
 
-from .checkpoint import MLX, Checkpoint, LoadError, check_weights, read_checkpoint, read_weights
+from .checkpoint import MLX, Checkpoint, LoadError, check_weights, read_checkpoint, read_json, read_weights
 from .constants import SAMPLE_RATE, mlx_dtype
 from .keys import to_original
 from .model import Model, ModelConfig
@@ -125,6 +125,9 @@ def load_tokenizer(folder: Path, tokenizer: Optional[Union[str, Path]] = None):
         source = folder
     else:
         source = resolve_folder(tokenizer)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (Path(source) / name).is_file():
+            read_json(Path(source) / name)  # a damaged file is named, not a traceback from the tokenizers library
     try:
         return AutoTokenizer.from_pretrained(str(source))
     except (OSError, ValueError) as e:  # a damaged tokenizer.json surfaces as either
