@@ -20,6 +20,17 @@ class NumericsError(UserError):
         super().__init__(f"{what}: {fix}.")
 
 
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM during a run (raised by the command's signal handler); carries the exit status the shell
+    expects (128 + signal)."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        super().__init__(signal.Signals(signum).name)
+        self.status = 128 + signum
+
+
 class OutputExistsError(UserError, FileExistsError):
     """An output that would overwrite a file (pass --force / force=True)."""
 

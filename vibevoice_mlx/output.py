@@ -165,6 +165,17 @@ class AudioWriter:
         finally:
             os.close(self._lock)
 
+    def abandon(self, remove: bool = False) -> None:
+        """Stop without finalizing: the partial file stays (valid, for a later run to use or replace) unless
+        `remove`; the final name is not touched."""
+        if self._file is None:
+            return
+        self._file.close()
+        self._file = None
+        if remove:
+            self.partial_path.unlink(missing_ok=True)
+        os.close(self._lock)
+
     def __enter__(self) -> "AudioWriter":
         return self
 

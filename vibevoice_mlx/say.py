@@ -11,12 +11,13 @@ import logging
 import math
 import signal
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
-from .errors import CLIError, UserError, user_errors
+from .errors import CLIError, Interrupted, UserError, user_errors
 
 logger = logging.getLogger(__name__)
 
@@ -31,14 +32,6 @@ def _read_script(text, file):
     if text:
         return text
     raise CLIError("No script: give the text as an argument or --file script.txt.")
-
-
-class Interrupted(Exception):
-    """Ctrl-C or SIGTERM during a run; carries the exit status the shell expects (128 + signal)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.status = 128 + signum
 
 
 @contextmanager
@@ -90,27 +83,38 @@ def _signals_interrupt():
 @click.option("--tokenizer", help="Tokenizer folder or repo id, when the model folder has none.")
 @click.option("--force", is_flag=True, help="Overwrite the output file and saved voices; skip the memory check.")
 @click.option("--play", is_flag=True, help="Play while generating (needs: pip install 'vibevoice-mlx[play]').")
+@click.option("--chunk", default="auto", show_default=True,
+              help="Long scripts: auto (split only what does not fit), off, or a limit per part such as 250w "
+                   "(words) or 1500t (prompt tokens).")
+@click.option("--dry-run", is_flag=True, help="Print the parts, token counts and estimated length; load no weights.")
+@click.option("--no-resume", is_flag=True, help="Start a split script over instead of continuing its finished parts.")
 @click.pass_context
-def say(ctx, text, file, model, voices, save_voices, output, force, play, **options):
+def say(ctx, text, file, model, voices, save_voices, output, force, play, chunk, dry_run, no_resume, **options):
     """Speak TEXT (or --file) into an audio file, writing it as the audio is produced."""
     quiet = bool((ctx.find_root().obj or {}).get("quiet"))
+    run = {"chunk": chunk, "dry_run": dry_run, "resume": not no_resume}
     with user_errors():
-        status = _say(text, file, model, list(voices), list(save_voices), Path(output), force, play, quiet, options)
+        status = _say(text, file, model, list(voices), list(save_voices), Path(output), force, play, quiet, options,
+                      run)
     if status:
         ctx.exit(status)
 
 
-def _say(text, file, model, voices, save_voices, out, force, play, quiet, options) -> int:
+def _say(text, file, model, voices, save_voices, out, force, play, quiet, options, run) -> int:
     from .audio import check_saved_voice_path
     from .generation import GenerationConfig
     from .output import check_output_path, output_format
     from .processor import parse_script, script_speakers
     from .voices import read_voice
 
+    from .longrun import parse_chunk
+
     script = _read_script(text, file)
     items = parse_script(script)
     speakers = script_speakers(items)
-    check_output_path(out, force)
+    parse_chunk(run["chunk"])
+    if not run["dry_run"]:
+        check_output_path(out, force)
     output_format(out)
     if len(save_voices) > len(voices):
         raise UserError(f"{len(save_voices)} --save-voice paths for {len(voices)} --voice files: give one per voice.")
@@ -130,11 +134,17 @@ def _say(text, file, model, voices, save_voices, out, force, play, quiet, option
     attention, tokenizer = options.pop("attention"), options.pop("tokenizer")
     generate_options = {k: v for k, v in options.items() if v is not None}
     GenerationConfig(**generate_options)  # every option checked now, not after loading
-    player = _player() if play else None
+    player = _player() if play and not run["dry_run"] else None
     try:
         with _signals_interrupt():
-            pipe = _load_checked(model, backend, device, dtype, attention, tokenizer, items, speakers, voice_inputs,
-                                 force)
+            loaded = _load_checked(model, backend, device, dtype, attention, tokenizer, script, speakers,
+                                   voice_inputs, force, run)
+            if loaded is None:  # --dry-run: the plan is printed, nothing loaded
+                return 0
+            pipe, parts = loaded
+            if len(parts) > 1:
+                return _generate_parts(pipe, parts, script, out, voices, voice_inputs, save_voices, force, player,
+                                       quiet, generate_options, run["resume"])
             return _generate(pipe, script, out, voices, voice_inputs, save_voices, force, player, quiet,
                              generate_options)
     finally:
@@ -143,13 +153,15 @@ def _say(text, file, model, voices, save_voices, out, force, play, quiet, option
             player.close()
 
 
-def _load_checked(model, backend, device, dtype, attention, tokenizer, items, speakers, voice_inputs, force):
-    """Config and tokenizer first (the prompts must fit, the model must fit in memory), then the weights."""
+def _load_checked(model, backend, device, dtype, attention, tokenizer, script, speakers, voice_inputs, force, run):
+    """Config and tokenizer first (the parts to generate, whether they fit, whether the model fits in memory),
+    then the weights. Returns (pipeline, parts), or None after printing the plan for --dry-run."""
     from .checkpoint import read_checkpoint
     from .convert.cache import model_folder
     from .loader import load, load_tokenizer, resolve_folder
+    from .longrun import describe, plan
     from .model import ModelConfig
-    from .preflight import check_context, check_memory, default_dtype_name, prompt_lengths
+    from .preflight import check_memory, default_dtype_name
     from .processor import SpecialTokens
 
     folder = model_folder(model, dtype=dtype, tokenizer=tokenizer) if backend == "mlx" else model
@@ -162,12 +174,21 @@ def _load_checked(model, backend, device, dtype, attention, tokenizer, items, sp
         raise UserError(str(e)) from None
     frames = [math.ceil(len(v) / config.hop_length) if not isinstance(v, str) else _saved_frames(v)
               for v in voice_inputs]
-    lengths = prompt_lengths(tok, tokens, items, frames, len(speakers))
-    check_context(lengths, config.max_positions, config.hop_length)
+    if frames and len(frames) < len(speakers):
+        raise UserError(f"The script has {len(speakers)} speakers but only {len(frames)} voice(s) were given: give "
+                        "one voice per speaker, in speaker order, or none.")
+    parts = plan(tok, tokens, config, script, frames, run["chunk"])
+    if run["dry_run"]:
+        click.echo(describe(parts))
+        return None
+    if len(parts) > 1:
+        logger.warning("The script does not fit the model in one go: it is spoken in %d parts (see --dry-run; "
+                       "--chunk off to refuse instead).", len(parts))
     if backend == "mlx" and not force:
-        longest = max(lengths)
+        longest = max(p.tokens for p in parts)
         check_memory(ckpt, config, dtype or default_dtype_name(), min(config.max_positions, 3 * longest))
-    return load(ckpt.folder, backend=backend, device=device, dtype=dtype, tokenizer=tokenizer, attention=attention)
+    pipe = load(ckpt.folder, backend=backend, device=device, dtype=dtype, tokenizer=tokenizer, attention=attention)
+    return pipe, parts
 
 
 def _saved_frames(path) -> int:
@@ -223,6 +244,40 @@ def _generate(pipe, script, out, voices, voice_inputs, save_voices, force, playe
     if last is not None:
         click.echo(f"Wrote {out}: {last.audio_seconds:.2f} s of audio in {last.elapsed:.1f} s "
                    f"({last.real_time_factor:.2f}x real time, peak memory {last.peak_memory_gb:.2f} GB)", err=True)
+    return 0
+
+
+def _generate_parts(pipe, parts, script, out, voices, voice_inputs, save_voices, force, player, quiet, options,
+                    resume) -> int:
+    """A split script: part by part into one file, resumable (longrun.py)."""
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from .longrun import speak_parts
+    from .voices import encode_voices, save_voice
+
+    if save_voices:
+        latents = encode_voices(pipe, voice_inputs)
+        for i, target in enumerate(save_voices):
+            save_voice(pipe, voice_inputs[i], target, force=force, latents=latents[i])
+            click.echo(f"Saved voice {voices[i]} -> {target}", err=True)
+        voice_inputs = latents
+    bar = tqdm(unit="frame", desc="Generating", dynamic_ncols=True, file=sys.stderr, disable=quiet or None)
+    start = time.perf_counter()
+    try:
+        with logging_redirect_tqdm():
+            status, seconds, _ = speak_parts(pipe, parts, script, voices, voice_inputs, out, options, resume, force,
+                                             bar, player)
+    finally:
+        bar.close()
+    if status:
+        return status
+    if not out.exists():
+        raise UserError("The model produced no audio for this script (see the warnings above); nothing was "
+                        "written. Try another --seed, a voice sample, or rephrase the script.")
+    elapsed = time.perf_counter() - start
+    click.echo(f"Wrote {out}: {seconds:.2f} s of audio in {len(parts)} parts, {elapsed:.1f} s "
+               f"({seconds / elapsed if elapsed else 0:.2f}x real time)", err=True)
     return 0
 
 

@@ -1,0 +1,220 @@
+"""Long scripts spoken part by part into one file, resumable (what `say` does when a script needs splitting).
+
+`longform.split_script` cuts a script that does not fit the context or the length rule into parts. Each part is
+generated on its own with the same voices and a seed derived from the run's seed and the part's index, so a part
+comes out the same whether the run went straight through or was resumed. Every finished part is kept beside the
+output in `<output>.parts/` (one WAV per part, written atomically, and `run.json` saying what they were made with);
+re-running the same command continues from the first unfinished part, `--no-resume` starts over. The output file
+is assembled only when every part is done; until then `<output>.partial.wav` holds what was made, valid at every
+moment.
+"""
+
+import hashlib
+import json
+import logging
+import math
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import soundfile as sf
+
+from .constants import SAMPLE_RATE
+from .errors import UserError
+from .longform import FITS, Part, estimate_seconds, prompt_counter, split_script
+from .processor import Segment, parse_script
+
+logger = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+
+
+def parse_chunk(value: Optional[str]) -> Tuple[bool, Optional[int], Optional[int]]:
+    """`--chunk`: "auto" (split only what does not fit), "off" (never: a script that does not fit is an error),
+    "<N>w" / "<N> words" (at most N words a part) or "<N>t" / "<N> tokens" (at most N prompt tokens a part).
+    Returns (split, max_tokens, max_words)."""
+    text = (value or "auto").strip().lower()
+    if text == "auto":
+        return True, None, None
+    if text == "off":
+        return False, None, None
+    m = re.fullmatch(r"(\d+)\s*(w|words?|t|tokens?)", text)
+    if not m or int(m.group(1)) < 1:
+        raise UserError(f"--chunk {value!r}: use auto, off, a word limit such as 250w, or a token limit such as "
+                        "1500t.")
+    n = int(m.group(1))
+    return (True, n, None) if m.group(2).startswith("t") else (True, None, n)
+
+
+def plan(tokenizer, tokens, config, script: str, voice_frames: Sequence[int], chunk: Optional[str]) -> List[Part]:
+    """The parts `say` will generate, from the config and tokenizer alone (no weights)."""
+    split, max_tokens, max_words = parse_chunk(chunk)
+    counter = prompt_counter(tokenizer, tokens, voice_frames)
+    if not split:
+        from .preflight import check_context
+
+        items = parse_script(script)
+        speakers = sorted({s for it in items if isinstance(it, Segment) for s, _ in it.lines})
+        lengths = [counter(it.lines, tuple(range(len(speakers)))) for it in items if isinstance(it, Segment)]
+        check_context(lengths, config.max_positions, config.hop_length)
+        return [Part(script, tuple(speakers), tuple(range(len(speakers))), FITS, max(lengths),
+                     estimate_seconds(script), len(script.split()))]
+    return split_script(script, counter, config.max_positions, max_tokens=max_tokens, max_words=max_words,
+                        frame_rate=SAMPLE_RATE / config.hop_length)
+
+
+def describe(parts: Sequence[Part]) -> str:
+    """What `--dry-run` prints: one line a part, then the totals."""
+    lines = []
+    for i, p in enumerate(parts, 1):
+        first = " ".join(p.text.split())[:60]
+        flag = "" if p.fits else "  (cannot be cut further; the length rule may cut it)"
+        lines.append(f"part {i}/{len(parts)}: {p.tokens} prompt tokens, {p.words} words, ~{p.seconds:.1f} s, "
+                     f"ends at: {p.reason} | {first}{flag}")
+    total = sum(p.seconds for p in parts)
+    lines.append(f"{len(parts)} part(s), about {total:.0f} s of audio ({total / 60:.1f} min) at an everyday pace")
+    return "\n".join(lines)
+
+
+def _fingerprint(value) -> str:
+    h = hashlib.sha256()
+    if isinstance(value, np.ndarray):
+        h.update(np.ascontiguousarray(value, np.float32).tobytes())
+    else:
+        path = Path(value)
+        h.update(path.read_bytes() if path.is_file() else str(value).encode())
+    return h.hexdigest()[:16]
+
+
+class PartStore:
+    """`<output>.parts/`: the finished parts of one run and what they were made with."""
+
+    def __init__(self, out: Path, key: Dict, resume: bool):
+        self.folder = out.with_name(out.name + ".parts")
+        self.key = key
+        old = self._read()
+        if old is not None and (not resume or {k: v for k, v in old.items() if k != "seed"}
+                                != {k: v for k, v in key.items() if k != "seed"}):
+            if resume:
+                logger.warning("%s holds parts of a different run (other script, voices or options); starting over.",
+                               self.folder)
+            shutil.rmtree(self.folder)
+            old = None
+        if old is not None and key.get("seed") is None:
+            key["seed"] = old["seed"]  # resuming a run that drew its own seed: the same one
+        if key.get("seed") is None:
+            key["seed"] = random.SystemRandom().randrange(2**31)
+        if old is not None and old["seed"] != key["seed"]:
+            shutil.rmtree(self.folder)
+        self.folder.mkdir(exist_ok=True)
+        (self.folder / RUN_FILE).write_text(json.dumps(key, indent=2, sort_keys=True) + "\n")
+
+    def _read(self) -> Optional[Dict]:
+        path = self.folder / RUN_FILE
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def path(self, i: int) -> Path:
+        return self.folder / f"part-{i + 1:04d}.wav"
+
+    def done(self, i: int) -> bool:
+        return self.path(i).is_file()
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _speaker_at(part: Part, seconds: float) -> int:
+    """The script speaker (0-based) whose line is estimated to be playing `seconds` into the part."""
+    elapsed = 0.0
+    last = part.speakers[0] if part.speakers else 0
+    for item in parse_script(part.text):
+        if isinstance(item, Segment):
+            for s, text in item.lines:
+                last = part.speakers[s] if s < len(part.speakers) else s
+                elapsed += estimate_seconds(text)
+                if elapsed >= seconds:
+                    return last
+    return last
+
+
+def speak_parts(pipe, parts: List[Part], script: str, voices: Sequence, voice_inputs: List, out: Path,
+                options: Dict, resume: bool, force: bool, bar, player=None) -> Tuple[int, float, int]:
+    """Generate `parts` into `out`; returns (exit status, audio seconds, frames). Interrupted (Ctrl-C, SIGTERM),
+    the finished parts stay for the next run and the output stays partial."""
+    from . import generation as gen
+    from .output import AudioWriter
+    from .errors import Interrupted
+
+    key = {"script": hashlib.sha256(script.encode()).hexdigest()[:16],
+           "voices": [_fingerprint(v) for v in voices], "model": str(pipe.folder), "seed": options.get("seed"),
+           "options": {k: v for k, v in sorted(options.items()) if k != "seed"}, "parts": [p.text for p in parts]}
+    store = PartStore(out, key, resume)
+    seed = key["seed"]
+    budget = options.get("max_seconds")
+    total_frames = sum(math.ceil(p.seconds * SAMPLE_RATE / pipe.hop_length) for p in parts)
+    bar.reset(total=total_frames)
+    made, frames, start = 0.0, 0, time.perf_counter()
+    writer = AudioWriter(out, force=force)
+    try:
+        for i, part in enumerate(parts):
+            if budget is not None and made >= budget:
+                break
+            if store.done(i):
+                audio, _ = sf.read(str(store.path(i)), dtype="float32")
+                writer.write(audio)
+                made += len(audio) / SAMPLE_RATE
+                logger.info("Part %d/%d: kept from the interrupted run (%.1f s).", i + 1, len(parts),
+                            len(audio) / SAMPLE_RATE)
+                bar.update(len(audio) // pipe.hop_length)
+                continue
+            logger.info("Part %d/%d (ends at: %s): %d prompt tokens, ~%.0f s.", i + 1, len(parts), part.reason,
+                        part.tokens, part.seconds)
+            part_voices = [voice_inputs[j] for j in part.voice_indices] if voice_inputs else None
+            part_options = dict(options, seed=(seed + i) % 2**64)
+            if budget is not None:
+                part_options["max_seconds"] = budget - made
+            part_writer = AudioWriter(store.path(i), force=True)
+            try:
+                part_start = made
+                for r in gen.stream_generate(pipe, part.text, part_voices, **part_options):
+                    if not r.audio.size:
+                        continue
+                    writer.write(r.audio)
+                    part_writer.write(r.audio)
+                    if player is not None:
+                        player.write(r.audio.reshape(-1, 1))
+                    made += len(r.audio) / SAMPLE_RATE
+                    if not r.is_pause:
+                        frames += 1
+                        bar.update(1)
+                    rate = made / (time.perf_counter() - start)
+                    speaker = _speaker_at(part, made - part_start)
+                    bar.set_postfix_str(f"part {i + 1}/{len(parts)}, speaker {speaker}, {made:.1f} s audio, "
+                                        f"{rate:.2f}x real time", refresh=False)
+            except BaseException:
+                part_writer.abandon(remove=True)  # an unfinished part is made again on resume
+                raise
+            part_writer.close()
+    except Interrupted as e:
+        writer.abandon()
+        done = sum(store.done(i) for i in range(len(parts)))
+        logger.warning("Interrupted: %d of %d parts are done and kept in %s; run the same command again to go on "
+                       "(--no-resume starts over). %s holds the %.1f s made so far.", done, len(parts),
+                       store.folder, writer.partial_path, made)
+        return e.status, made, frames
+    except BaseException:
+        writer.abandon()
+        raise
+    writer.close()
+    if writer.frames:
+        store.remove()
+    return 0, made, frames
