@@ -20,10 +20,14 @@ import soundfile as sf
 from click.testing import CliRunner
 
 import vibevoice_mlx as vv
-from vibevoice_mlx.batch import batch, default_batch_size, forced_frames, launched_rank, select
+from vibevoice_mlx.batch import batch, launched_rank, select
+from vibevoice_mlx.batch_run import default_batch_size, forced_frames
 from vibevoice_mlx.batch_jobs import EVENT_LOG, default_seed, read_events, read_manifest
 
 FRAMES = 3
+# Processes started here keep MLX's own BLAS, as this one does, so that their audio can be compared sample for sample
+# (another BLAS rounds float32 differently, and random weights amplify that over the frames).
+ENV = dict(os.environ, VIBEVOICE_MLX_BLAS="off")
 HOP = 16  # the tiny model's samples per frame
 JOBS = [
     {"id": "hello", "script": "Speaker 1: Hello there."},
@@ -45,12 +49,17 @@ def samples(job, frames=FRAMES):
     return frames * HOP
 
 
+_MADE = {}  # made once per test session, whichever of the batch test modules asks first
+
+
 @pytest.fixture(scope="module")
 def model(tiny, tmp_path_factory):
     """A self-contained converted tiny model (its tokenizer inside), as a user's folder would be."""
-    out = tmp_path_factory.mktemp("model") / "tiny-mlx"
-    vv.convert(str(tiny["original"]), str(out), tokenizer=str(tiny["tokenizer"]))
-    return out
+    if "model" not in _MADE:
+        out = tmp_path_factory.mktemp("model") / "tiny-mlx"
+        vv.convert(str(tiny["original"]), str(out), tokenizer=str(tiny["tokenizer"]))
+        _MADE["model"] = out
+    return _MADE["model"]
 
 
 def write_project(root: Path, jobs=JOBS) -> Path:
@@ -110,11 +119,13 @@ def assert_same_audio(a, b):
 @pytest.fixture(scope="module")
 def reference(model, tmp_path_factory):
     """The manifest run once, plainly: what every other way of running it must reproduce."""
-    root = tmp_path_factory.mktemp("reference")
-    manifest = write_project(root)
-    r = run_batch(manifest, root / "out", model, "--batch-size", 2)
-    assert r.exit_code == 0, r.output
-    return root / "out", audio_of(root / "out")
+    if "reference" not in _MADE:
+        root = tmp_path_factory.mktemp("reference")
+        manifest = write_project(root)
+        r = run_batch(manifest, root / "out", model, "--batch-size", 2)
+        assert r.exit_code == 0, r.output
+        _MADE["reference"] = root / "out", audio_of(root / "out")
+    return _MADE["reference"]
 
 
 # --- the manifest ---
@@ -227,7 +238,7 @@ def test_a_killed_run_resumes_without_redoing_anything(model, tmp_path):
     manifest = write_project(tmp_path, jobs)
     out = tmp_path / "out"
     args = cli(manifest, "--out-dir", out, "--model", model, "--force-frames", 40, "--batch-size", 1)
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
     try:
         deadline = time.time() + 60
         while not any(e["event"] == "done" for e in read_events(out)) and time.time() < deadline:
@@ -238,7 +249,7 @@ def test_a_killed_run_resumes_without_redoing_anything(model, tmp_path):
         proc.wait(timeout=30)
     first = {e["id"] for e in read_events(out) if e["event"] == "done"}
     assert 1 <= len(first) < 5
-    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120, env=ENV)
     assert done.returncode == 0, done.stderr
     assert f"{5 - len(first)} done, {len(first)} skipped" in done.stderr
     check_exactly_once(out, jobs, frames=40)
@@ -248,7 +259,8 @@ def test_two_shards_in_two_processes_share_the_folder(reference, model, tmp_path
     manifest = write_project(tmp_path)
     out = tmp_path / "out"
     procs = [subprocess.Popen(cli(manifest, "--out-dir", out, "--model", model, "--force-frames", FRAMES,
-                                  "--shard", f"{i}/2", "--batch-size", 2), stderr=subprocess.PIPE, text=True)
+                                  "--shard", f"{i}/2", "--batch-size", 2), stderr=subprocess.PIPE, text=True,
+                              env=ENV)
              for i in range(2)]
     logs = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs
