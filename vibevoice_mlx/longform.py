@@ -63,10 +63,11 @@ class Part:
 
     text: a script the processor parses into this part's lines and pauses. speakers: part id -> script id
     (`parse_script(text)`'s id k is the script's speaker `speakers[k]`, 0-based as `parse_script` numbers
-    them). voice_indices: the script's voices (one per speaker, in speaker order) this part passes, in order. reason: why the part ends here (FITS,
-    TURN, PAUSE, SENTENCE, CLAUSE, WORD, END). tokens: prompt tokens of its longest segment; seconds: estimated
-    audio, pauses included; words: spoken words (CJK characters count one each). fits: False only for a piece that
-    cannot be cut further and is still too long (generating it will be cut by the length rule).
+    them). voice_indices: the script's voices (one per speaker, in speaker order) this part passes, in order.
+    reason: why the part ends here (FITS, TURN, PAUSE, SENTENCE, CLAUSE, WORD, END). tokens: prompt tokens of its
+    longest segment; seconds: estimated audio, pauses included; words: spoken words (CJK characters count one
+    each). fits: False only for a piece that cannot be cut further and is still too long (generating it will be
+    cut by the length rule).
     """
 
     text: str
