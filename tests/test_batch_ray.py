@@ -10,6 +10,7 @@ skipped, except in CI, where the README's test command installs it.
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -59,6 +60,7 @@ def cluster(tmp_path_factory):
         except subprocess.TimeoutExpired:
             head.kill()
             head.wait()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_jobs_run_once_and_a_killed_worker_is_retried(cluster, model, tmp_path):  # noqa: F811
