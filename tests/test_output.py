@@ -26,8 +26,9 @@ RUN = textwrap.dedent(
         time.sleep(delay)
         return ids[2]  # speech_diffusion, forever: only a signal ends this run
     generation.greedy = choose
+    # --chunk off: one part that never ends (the tiny model's 16-sample hop would split a long script)
     sys.argv = ["vibevoice-mlx", "say", "Speaker 1: " + "la " * 400, "--model", sys.argv[1], "--tokenizer",
-                sys.argv[2], "-o", sys.argv[3]]
+                sys.argv[2], "-o", sys.argv[3], "--chunk", "off"]
     cli.main()
     """
 )

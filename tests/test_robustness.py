@@ -183,3 +183,8 @@ def test_a_voice_file_that_is_not_audio(pipe, tmp_path):
     sf.write(tmp_path / "quiet.wav", np.zeros(48000, np.float32), 24000)
     with pytest.raises(UserError, match="silent"):
         vv.generate(pipe, "Speaker 1: Hi.", voices=[tmp_path / "quiet.wav"])
+
+
+def test_a_lone_surrogate_is_a_user_error_not_a_tokenizer_crash():
+    with pytest.raises(UserError, match="U\\+D800"):
+        parse_script("Speaker 1: hi \ud800 there")

@@ -148,7 +148,7 @@ KILLED_RUN = textwrap.dedent(
         return ids[2]  # speech_diffusion, forever: only the kill ends this run
     generation.greedy = choose
     sys.argv = ["vibevoice-mlx", "say", "Speaker 1: " + "la " * 400, "--model", sys.argv[1], "--tokenizer",
-                sys.argv[2], "-o", sys.argv[3]]
+                sys.argv[2], "-o", sys.argv[3], "--chunk", "off"]
     cli.main()
     """
 )

@@ -97,10 +97,11 @@ RUN = textwrap.dedent(
     import sys, time
     from vibevoice_mlx import generation, cli
     K = 3
+    delay = float(sys.argv[4])
     n = {"i": -1}
     def choose(logits, ids):
         n["i"] += 1
-        time.sleep(0.05)
+        time.sleep(delay)
         i = n["i"] % (K + 2)
         return ids[2] if i < K else ids[1] if i == K else ids[3]
     generation.greedy = choose
@@ -118,8 +119,8 @@ def test_a_killed_run_resumes_to_the_same_audio(model_folder, tmp_path, monkeypa
     assert _say(model_folder, straight).exit_code == 0
     out = tmp_path / "resumed.wav"
     (tmp_path / "script.txt").write_text(SCRIPT)
-    proc = subprocess.Popen([sys.executable, "-c", RUN, str(tmp_path / "script.txt"), str(model_folder), str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-c", RUN, str(tmp_path / "script.txt"), str(model_folder), str(out),
+                             "0.05"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parts = tmp_path / "resumed.wav.parts"
     deadline = time.time() + 120
     while time.time() < deadline and not (parts / "part-0002.wav").exists():
@@ -149,3 +150,19 @@ def test_no_resume_starts_over(model_folder, tmp_path, monkeypatch, caplog):
     assert r.exit_code == 0, r.output
     assert not any("kept from the interrupted run" in m for m in caplog.messages)
     assert sf.info(out).frames % (K * 3200) == 0
+
+
+def test_interrupted_before_any_audio_leaves_nothing(model_folder, tmp_path):
+    (tmp_path / "script.txt").write_text(SCRIPT)
+    out = tmp_path / "out" / "never.wav"
+    out.parent.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", RUN, str(tmp_path / "script.txt"), str(model_folder), str(out),
+                             "60"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out.parent / "never.wav.parts").exists():
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "nothing was written" in err, err
+    assert list(out.parent.iterdir()) == []

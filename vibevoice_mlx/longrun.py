@@ -205,8 +205,13 @@ def speak_parts(pipe, parts: List[Part], script: str, voices: Sequence, voice_in
                 raise
             part_writer.close()
     except Interrupted as e:
-        writer.abandon()
         done = sum(store.done(i) for i in range(len(parts)))
+        if not writer.frames and not done:  # nothing made: nothing left behind
+            writer.abandon(remove=True)
+            store.remove()
+            logger.warning("Interrupted (%s) before any audio was made; nothing was written.", e)
+            return e.status, 0.0, 0
+        writer.abandon()
         logger.warning("Interrupted: %d of %d parts are done and kept in %s; run the same command again to go on "
                        "(--no-resume starts over). %s holds the %.1f s made so far.", done, len(parts),
                        store.folder, writer.partial_path, made)

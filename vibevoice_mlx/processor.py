@@ -122,6 +122,11 @@ def parse_script(script: str) -> List[ScriptItem]:
     """
     pieces: List[Tuple[int, Union[str, Pause]]] = []
     script = script.lstrip("\ufeff")  # a byte-order mark is not text
+    try:
+        script.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate: no tokenizer can take it
+        raise UserError(f"The script holds an invalid character (U+{ord(script[e.start]):04X} at position "
+                        f"{e.start}): it is not valid Unicode text.") from None
     for line_no, raw in enumerate(script.translate(_QUOTES).splitlines(), start=1):
         pieces += [(line_no, p if isinstance(p, Pause) else p.strip()) for p in _split_pauses(raw, line_no)]
     has_label = any(isinstance(p, str) and (_SPEAKER_RE.match(p) or _BRACKET_RE.match(p)) for _, p in pieces)
