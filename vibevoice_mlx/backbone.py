@@ -7,9 +7,10 @@ per layer whose rows are the two branches of every script in the batch, left-pad
 are then read once per frame, however many scripts run.
 """
 
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 from mlx_lm.models import qwen2
 from mlx_lm.models.cache import BatchKVCache, KVCache
@@ -57,6 +58,48 @@ def prefill(lm: qwen2.Qwen2Model, embeds: mx.array, cache, chunk_size: int = 512
 
 def make_cache(lm: qwen2.Qwen2Model) -> List[KVCache]:
     return [KVCache() for _ in lm.layers]
+
+
+class DecodeLinear(nn.Module):
+    """A Linear with its weight stored transposed, `weight_t` [in, out], made from a loaded `nn.Linear`.
+
+    A decode step multiplies one or two rows by each weight. On MLX's CPU backend (OpenBLAS sgemm) that runs
+    1.4 to 1.7x faster against a row-major [in, out] matrix than against the checkpoint's [out, in] one read
+    transposed, and the decode path is bound by exactly those reads. Same products, summed in another order:
+    results differ by float32 rounding only. A float32 bias beside float16 weights follows the activations.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight_t = mx.contiguous(linear.weight.T)
+        if "bias" in linear:
+            self.bias = linear.bias
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if "bias" in self:
+            return mx.addmm(self.bias.astype(x.dtype), x, self.weight_t)
+        return x @ self.weight_t
+
+
+def to_decode_layout(module: nn.Module, keep: Optional[Callable[[str, nn.Linear], bool]] = None) -> int:
+    """Replace every float `nn.Linear` under `module` (unless `keep(path, linear)`) by a `DecodeLinear`, one at a
+    time, so memory never holds more than one extra matrix; returns how many. Quantized layers stay as they are.
+    For the CPU backend only: Metal's kernels are written for the checkpoint layout."""
+    paths = [(path, m) for path, m in module.named_modules()
+             if isinstance(m, nn.Linear) and not (keep and keep(path, m))]
+    for path, linear in paths:
+        new = DecodeLinear(linear)
+        mx.eval(new.parameters())
+        *parents, leaf = path.split(".")
+        parent = module
+        for name in parents:
+            parent = parent[int(name)] if isinstance(parent, list) else getattr(parent, name)
+        if isinstance(parent, list):
+            parent[int(leaf)] = new
+        else:
+            setattr(parent, leaf, new)
+        del linear, new
+    return len(paths)
 
 
 class CFGCache:
@@ -112,6 +155,11 @@ class CFGCache:
         for c in self.layers:
             c.prepare(right_padding=padding)
             c.finalize()
+
+    def drop_last(self) -> None:
+        """Forget the last entry of every row: undoes a queued step that has to be redone."""
+        for c in self.layers:
+            c.trim(1)
 
     def reset_negative(self, slots: Optional[Sequence[int]] = None) -> None:
         """Empty these slots' negative rows: their next token sits at position 0 and sees nothing before it."""

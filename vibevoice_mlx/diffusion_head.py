@@ -48,8 +48,11 @@ def timestep_sinusoid(t, dim: int = 256) -> mx.array:
 
 
 def _compute_dtype(linear: nn.Module) -> mx.Dtype:
-    # A quantized layer keeps uint32 weights; its scales carry the activation dtype.
-    return linear.scales.dtype if hasattr(linear, "scales") else linear.weight.dtype
+    # A quantized layer keeps uint32 weights; its scales carry the activation dtype. A `DecodeLinear`
+    # (backbone.py) holds its weight transposed.
+    if "scales" in linear:
+        return linear.scales.dtype
+    return linear["weight_t" if "weight_t" in linear else "weight"].dtype
 
 
 class TimestepEmbedder(nn.Module):

@@ -11,6 +11,7 @@ another's: its audio equals that script generated alone, within float32 rounding
 
 import logging
 import math
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence
@@ -34,7 +35,10 @@ class FrameStep:
     (pos_h, neg_h, noise, decoder state, semantic state) -> (latent z, audio, next input embedding, states) for
     N rows: the CFG diffusion sampling (§6.5), the streaming σ-VAE decode and semantic re-encode (§3.3.4) and the
     connectors (§6.3 step 7f). mx.compile fuses its hundreds of small ops; tests check it equals the eager path.
+    `profile` runs the same stages one at a time, for the stage timings of `bench`.
     """
+
+    STAGES = ("diffusion head", "decoder", "semantic encoder", "connectors")
 
     def __init__(self, model: Model, solver: DPMSolver, steps: int, cfg_scale: float, dtype, compile: bool = True):
         m = model.model
@@ -42,19 +46,54 @@ class FrameStep:
         # A constant per step count, computed once: the traced function only reads it.
         t_emb = m.prediction_head.t_embedder(schedule.timesteps)
         mx.eval(t_emb)
+        dec, sem = m.acoustic_tokenizer.decoder, m.semantic_tokenizer.encoder
+
+        def diffuse(pos_h, neg_h, noise):
+            return sample_latent(m.prediction_head, pos_h, neg_h, noise, schedule, cfg_scale, t_embeddings=t_emb)
+
+        def decode(z, dec_state):
+            return dec.stream(model.unscale_latents(z)[:, None, :].astype(dtype), dec_state)
+
+        def encode(audio, sem_state):
+            return sem.stream(audio, sem_state)
+
+        def connect(z, s):
+            return m.acoustic_connector(z[:, None, :].astype(dtype)) + m.semantic_connector(s.astype(dtype))
 
         def step(pos_h, neg_h, noise, dec_state, sem_state):
-            z = sample_latent(m.prediction_head, pos_h, neg_h, noise, schedule, cfg_scale, t_embeddings=t_emb)
-            latent = model.unscale_latents(z)[:, None, :].astype(dtype)
-            audio, dec_state = m.acoustic_tokenizer.decoder.stream(latent, dec_state)
-            sem, sem_state = m.semantic_tokenizer.encoder.stream(audio, sem_state)
-            x = m.acoustic_connector(z[:, None, :].astype(dtype)) + m.semantic_connector(sem.astype(dtype))
-            return z, audio, x, dec_state, sem_state
+            z = diffuse(pos_h, neg_h, noise)
+            audio, dec_state = decode(z, dec_state)
+            s, sem_state = encode(audio, sem_state)
+            return z, audio, connect(z, s), dec_state, sem_state
 
         self.fn = mx.compile(step) if compile else step
+        self._stages = (diffuse, decode, encode, connect)
+        self._compile = compile
+        self._profiled = None
 
     def __call__(self, *args):
         return self.fn(*args)
+
+    def profile(self, pos_h, neg_h, noise, dec_state, sem_state):
+        """A call's outputs, computed stage by stage (each compiled on its own, evaluated before the next starts),
+        and the seconds each stage took. The barriers cost a little: a plain call is the speed a run gets."""
+        if self._profiled is None:
+            self._profiled = [mx.compile(f) if self._compile else f for f in self._stages]
+        diffuse, decode, encode, connect = self._profiled
+        seconds = {}
+
+        def timed(name, f, *args):
+            start = time.perf_counter()
+            out = f(*args)
+            mx.eval(out)
+            seconds[name] = time.perf_counter() - start
+            return out
+
+        z = timed("diffusion head", diffuse, pos_h, neg_h, noise)
+        audio, dec_state = timed("decoder", decode, z, dec_state)
+        s, sem_state = timed("semantic encoder", encode, audio, sem_state)
+        x = timed("connectors", connect, z, s)
+        return (z, audio, x, dec_state, sem_state), seconds
 
 
 @dataclass
@@ -111,6 +150,12 @@ class MLXBackend:
         if not model.config.tie_word_embeddings and "lm_head" in model:
             # Only the control tokens are ever scored: the rest of an untied head is dead weight (7B: 1.1 GB).
             del model.lm_head
+        if mx.default_device() == mx.cpu:
+            # The weights a frame reads, in the layout the CPU's sgemm reads fastest (backbone.DecodeLinear).
+            m = model.model
+            for part in (m.language_model, m.prediction_head, m.acoustic_tokenizer.decoder,
+                         m.semantic_tokenizer.encoder, m.acoustic_connector, m.semantic_connector):
+                backbone.to_decode_layout(part)
         self._frame_steps: Dict[tuple, FrameStep] = {}  # (steps, cfg, dtype, compile): compiled once per setting
 
     @property
@@ -182,16 +227,32 @@ class MLXBackend:
             self._frame_steps[key].dtype = dtype
         return self._frame_steps[key]
 
-    def _frame(self, frame_step, rows, pos_h, neg_h, noise, dec_state, sem_state, recover=True):
-        """Run the frame step and read its audio back (one evaluation). With `recover` in a half-precision run,
-        a non-finite result of the rows that made a frame returns `chunks=None`, for the caller to redo."""
+    def _lm_step(self, rows: List[_Row], cache: backbone.CFGCache):
+        """Queue one batched LM step of every row's two branches -> (pos_h, neg_h, control logits, finite)."""
+        x = mx.concatenate([r.x for r in rows])
+        h = backbone.forward(self.model.language_model, mx.repeat(x, 2, axis=0).astype(self.dtype), cache)
+        pos_h, neg_h = h[0::2, -1], h[1::2, -1]
+        logits = pos_h.astype(mx.float32) @ self.head_rows.T
+        finite = mx.all(mx.isfinite(logits), axis=-1)
+        mx.async_eval(neg_h, logits, finite)
+        return pos_h, neg_h, logits, finite
+
+    @staticmethod
+    def _frame(frame_step, rows, pos_h, neg_h, noise, dec_state, sem_state):
+        """Queue the frame step -> (float32 audio [N, hop], next embeddings, states, whether `rows` are finite)."""
         _, audio, x, new_dec, new_sem = frame_step(pos_h, neg_h, noise, dec_state, sem_state)
+        audio = audio[..., 0].astype(mx.float32)
         finite = mx.all(mx.isfinite(x[mx.array(rows)]))
-        mx.eval(x, audio, new_dec, new_sem, finite)
-        chunks = np.array(audio[..., 0].astype(mx.float32))
+        mx.async_eval(audio, x, new_dec, new_sem, finite)
+        return audio, x, new_dec, new_sem, finite
+
+    def _read(self, audio, finite, rows, recover: bool) -> Optional[np.ndarray]:
+        """Wait for a queued frame (only for it) and read its audio back. With `recover` in a half-precision run,
+        a non-finite result of the rows that made a frame gives None, for the caller to redo the frame."""
+        chunks = np.array(audio)
         if recover and self.dtype != mx.float32 and not (finite.item() and np.isfinite(chunks[rows]).all()):
-            return audio, x, new_dec, new_sem, None
-        return audio, x, new_dec, new_sem, chunks
+            return None
+        return chunks
 
     def _prefill(self, source: int, job: SegmentJob, chunk: int):
         """A segment's prompt through the positive branch alone -> (its row, its one-slot CFG cache)."""
@@ -207,13 +268,39 @@ class MLXBackend:
         max_steps = min(self.model.config.max_positions - n, 2 * n)  # the original's length rule (§6.6)
         return _Row(source, job, embeds[:, -1:], max_steps), backbone.CFGCache.from_prompt(cache)
 
+    def profile(self, job: SegmentJob, settings: FrameSettings, frames: int) -> Dict[str, List[float]]:
+        """Seconds per stage of `frames` speech frames of one segment run alone, every stage evaluated before the
+        next: "prefill" (the prompt through the positive branch) once, then per frame "language model" (one
+        batched step of both branches), "token choice" (the 4 control logits and their argmax) and the
+        `FrameStep` stages. The same work as `run` with every step a frame; only the barriers are added."""
+        lm = self.model.language_model
+        frame_step = self.frame_step(settings)
+        dec, sem = self.model.model.acoustic_tokenizer.decoder, self.model.model.semantic_tokenizer.encoder
+        start = time.perf_counter()
+        row, cache = self._prefill(0, job, settings.prefill_chunk)
+        mx.eval(row.x, [c.state[:2] for c in cache])
+        out: Dict[str, List[float]] = {"prefill": [time.perf_counter() - start]}
+        dec_state, sem_state, x = dec.make_state(1), sem.make_state(1), row.x
+        for _ in range(frames):
+            start = time.perf_counter()
+            h = backbone.forward(lm, mx.repeat(x, 2, axis=0).astype(self.dtype), cache)
+            mx.eval(h)
+            lm_done = time.perf_counter()
+            pos_h, neg_h = h[0::2, -1], h[1::2, -1]
+            mx.argmax(pos_h.astype(mx.float32) @ self.head_rows.T, axis=-1).item()
+            chose = time.perf_counter()
+            (_, _, x, dec_state, sem_state), seconds = frame_step.profile(pos_h, neg_h, mx.array(job.noise()),
+                                                                          dec_state, sem_state)
+            seconds.update({"language model": lm_done - start, "token choice": chose - lm_done})
+            for name, value in seconds.items():
+                out.setdefault(name, []).append(value)
+        return out
+
     def run(self, sources: Sequence[JobSource], settings: FrameSettings) -> Iterator[Event]:
         m = self.model.model
-        lm = m.language_model
         dec, sem = m.acoustic_tokenizer.decoder, m.semantic_tokenizer.encoder
         t = self.tokens
         allowed = self.control_ids
-        dtype = self.dtype
         frame_step = self.frame_step(settings)
         latent_dim = self.model.config.acoustic_vae_dim
 
@@ -222,6 +309,7 @@ class MLXBackend:
         cache: Optional[backbone.CFGCache] = None
         dec_state: List[mx.array] = []
         sem_state: List[mx.array] = []
+        queued = None  # the next LM step, queued behind the frame that feeds it (the rows did not change)
         while waiting or rows:
             while waiting and len(rows) < self.max_batch:
                 i = waiting.popleft()
@@ -240,11 +328,9 @@ class MLXBackend:
             if not rows:
                 break
 
-            x = mx.concatenate([r.x for r in rows])
-            h = backbone.forward(lm, mx.repeat(x, 2, axis=0).astype(dtype), cache)
-            pos_h, neg_h = h[0::2, -1], h[1::2, -1]
-            logits = pos_h.astype(mx.float32) @ self.head_rows.T
-            finite = np.array(mx.all(mx.isfinite(logits), axis=-1))
+            pos_h, neg_h, logits, finite = queued or self._lm_step(rows, cache)
+            queued = None
+            finite = np.array(finite)  # the one wait for the LM: the token choice needs its logits
             events, diffuse, ended, restart, fresh_streams = [], [], [], [], []
             for k, r in enumerate(rows):
                 if not finite[k]:
@@ -272,45 +358,11 @@ class MLXBackend:
                     r.x = self.model.embed_tokens(mx.array([[token]]))
                 r.step += 1
 
-            if diffuse:
-                noise = np.zeros((len(rows), latent_dim), np.float32)
-                for k in diffuse:
-                    noise[k] = np.asarray(rows[k].job.noise(), np.float32).reshape(-1)
-                noise = mx.array(noise)
-                audio, xn, new_dec, new_sem, chunks = self._frame(frame_step, diffuse, pos_h, neg_h, noise,
-                                                                  dec_state, sem_state)
-                if chunks is None:
-                    # An activation overflowed in a half-precision dtype: this frame again, with the diffusion
-                    # head, decoder, semantic encoder and connectors in float32, and so on for the rest of the run.
-                    logger.warning("Non-finite values in frame %d (%s); recomputed it with the frame stages in "
-                                   "float32, which the rest of this run keeps.", rows[diffuse[0]].frames + 1,
-                                   self.dtype_name)
-                    frame_step = self.frame_step(settings, mx.float32)
-                    dec_state = [a.astype(mx.float32) for a in dec_state]
-                    sem_state = [a.astype(mx.float32) for a in sem_state]
-                    audio, xn, new_dec, new_sem, chunks = self._frame(
-                        frame_step, diffuse, pos_h.astype(mx.float32), neg_h.astype(mx.float32), noise, dec_state,
-                        sem_state, recover=False)
-                if len(diffuse) == len(rows):
-                    dec_state, sem_state = new_dec, new_sem
-                else:  # rows without a frame this step keep their streams as they were
-                    keep = np.zeros(len(rows), bool)
-                    keep[diffuse] = True
-                    keep = mx.array(keep)
-                    dec_state = [mx.where(keep[:, None, None], n, o) for n, o in zip(new_dec, dec_state)]
-                    sem_state = [mx.where(keep[:, None, None], n, o) for n, o in zip(new_sem, sem_state)]
-                for k in diffuse:
-                    r = rows[k]
-                    if not np.isfinite(chunks[k]).all():
-                        raise NumericsError(f"non-finite audio in frame {r.frames + 1} ({self.dtype_name})",
-                                            "float32" if frame_step.dtype == mx.float32 else self.dtype_name)
-                    r.frames += 1
-                    r.x = xn[k:k + 1]
-                    events.append((r.source, t.speech_diffusion, chunks[k]))
-            # On a step without a frame the negative branch would not have run.
+            # This step's cache and stream bookkeeping does not depend on its frame, so it comes first: the next
+            # LM step can then be queued behind the frame and run while the frame's audio is handed out.
             idle = [k for k in range(len(rows)) if k not in diffuse]
             if idle:
-                cache.drop_negative(idle)
+                cache.drop_negative(idle)  # on a step without a frame the negative branch would not have run
             if restart:
                 cache.reset_negative(restart)
             if fresh_streams:
@@ -318,6 +370,50 @@ class MLXBackend:
                 reset[fresh_streams] = True
                 dec_state = dec.reset_rows(dec_state, mx.array(reset))
                 sem_state = sem.reset_rows(sem_state, mx.array(reset))
+            if diffuse:
+                noise = [mx.zeros((1, latent_dim))] * len(rows)
+                for k in diffuse:
+                    noise[k] = mx.array(rows[k].job.noise(), mx.float32).reshape(1, latent_dim)
+                noise = mx.concatenate(noise)
+                keep = None
+                if len(diffuse) < len(rows):  # rows without a frame this step keep their streams as they were
+                    keep = np.zeros(len(rows), bool)
+                    keep[diffuse] = True
+                    keep = mx.array(keep)[:, None, None]
+                while True:
+                    audio, xn, new_dec, new_sem, ok = self._frame(frame_step, diffuse, pos_h, neg_h, noise,
+                                                                  dec_state, sem_state)
+                    for k in diffuse:
+                        rows[k].x = xn[k:k + 1]
+                    if not ended and not (waiting and len(rows) < self.max_batch):
+                        queued = self._lm_step(rows, cache)
+                    chunks = self._read(audio, ok, diffuse, recover=frame_step.dtype != mx.float32)
+                    if chunks is not None:
+                        break
+                    # An activation overflowed in a half-precision dtype: this frame again, with the diffusion
+                    # head, decoder, semantic encoder and connectors in float32, and so on for the rest of the run.
+                    logger.warning("Non-finite values in frame %d (%s); recomputed it with the frame stages in "
+                                   "float32, which the rest of this run keeps.", rows[diffuse[0]].frames + 1,
+                                   self.dtype_name)
+                    if queued is not None:
+                        cache.drop_last()  # the queued LM step read the overflowed frame
+                        queued = None
+                    frame_step = self.frame_step(settings, mx.float32)
+                    pos_h, neg_h = pos_h.astype(mx.float32), neg_h.astype(mx.float32)
+                    dec_state = [a.astype(mx.float32) for a in dec_state]
+                    sem_state = [a.astype(mx.float32) for a in sem_state]
+                if keep is None:
+                    dec_state, sem_state = new_dec, new_sem
+                else:
+                    dec_state = [mx.where(keep, n, o) for n, o in zip(new_dec, dec_state)]
+                    sem_state = [mx.where(keep, n, o) for n, o in zip(new_sem, sem_state)]
+                for k in diffuse:
+                    r = rows[k]
+                    if not np.isfinite(chunks[k]).all():
+                        raise NumericsError(f"non-finite audio in frame {r.frames + 1} ({self.dtype_name})",
+                                            "float32" if frame_step.dtype == mx.float32 else self.dtype_name)
+                    r.frames += 1
+                    events.append((r.source, t.speech_diffusion, chunks[k]))
             yield from events
 
             if ended:
