@@ -22,6 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs
 
+from .activations import gelu
 from .conv import CausalConv1d, CausalConvTranspose1d
 
 logger = logging.getLogger(__name__)
@@ -88,34 +89,6 @@ class Linear(nn.Linear):
 
     def __call__(self, x: mx.array) -> mx.array:
         return mx.addmm(self.bias.astype(x.dtype), x, self.weight.T)
-
-
-# erf(x) = x P(x²) / Q(x²) on [-4, 4] (±1 beyond, in float32): the float32 rational approximation of XLA and
-# Eigen, max error 4.2e-7 (mx.erf: 4.5e-7). It is multiply-adds only, which mx.compile fuses into one pass;
-# MLX's CPU erf is a scalar call per element, and the tokenizers' 9 M GELU inputs per frame took 0.3 s there.
-_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
-          -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
-_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
-          -1.42647390514189e-02)
-
-
-def erf(x: mx.array) -> mx.array:
-    """The error function of a float32 array (see _ERF_P)."""
-    x = mx.clip(x, -4.0, 4.0)
-    x2 = x * x
-    p, q = _ERF_P[0], _ERF_Q[0]
-    for c in _ERF_P[1:]:
-        p = p * x2 + c
-    for c in _ERF_Q[1:]:
-        q = q * x2 + c
-    return x * p / q
-
-
-def gelu(x: mx.array) -> mx.array:
-    """The exact (erf) GELU of the original's nn.GELU(), computed in float32: within 1.2e-6 of it in float64 for
-    |x| < 12, as nn.gelu is (float32 rounding of values up to ~5)."""
-    y = x.astype(mx.float32)
-    return (y * (1 + erf(y * 0.7071067811865476)) * 0.5).astype(x.dtype)
 
 
 class FFN(nn.Module):
@@ -231,29 +204,42 @@ class TokenizerEncoder(_Streaming):
         self.stages = [_stage(n * 2**i, d, cfg) for i, d in enumerate(cfg.encoder_depth_list)]
         # disable_last_norm: no norm before the head.
         self.head = CausalConv1d(n * 2 ** len(ratios), cfg.vae_dim, cfg.last_kernel_size)
+        object.__setattr__(self, "_compiled_runs", {})  # a cache of compiled passes, not a parameter
 
     def _layers(self):
         return list(zip(self.downsample_layers, self.stages))
 
-    def __call__(self, x: mx.array, chunk_frames: Optional[int] = 16) -> mx.array:
+    def __call__(self, x: mx.array, chunk_frames: Optional[int] = 16, compile: bool = False) -> mx.array:
         """Encode with the original one-shot padding: the last partial frame is zero-padded.
 
         Inputs longer than `chunk_frames` frames go through the streaming path in chunks, which gives the same
         result (the convs are causal frame by frame) with bounded memory: a 30 s voice at full size, float32,
         peaks 0.24 GB above the weights in chunks of 16 frames against 1.94 GB in one pass. `None`: one pass.
+        `compile=True` runs each chunk through mx.compile, which fuses its elementwise ops (~30 % faster on the
+        CPU; traced once per chunk length).
         """
         hop = self.hop_length
+        run = self._compiled if compile else self._run
         if chunk_frames is None or x.shape[1] <= chunk_frames * hop:
-            return self._run(x, None)[0]
+            return run(x, None)[0]
         state, out = self.make_state(x.shape[0]), []
         full = x.shape[1] // hop * hop
         for start in range(0, full, chunk_frames * hop):
-            y, state = self._run(x[:, start : min(start + chunk_frames * hop, full)], state)
+            y, state = run(x[:, start : min(start + chunk_frames * hop, full)], state)
             mx.eval(y, state)
             out.append(y)
         if full < x.shape[1]:
-            out.append(self._run(x[:, full:], state, final=True)[0])
+            out.append(run(x[:, full:], state, final=True)[0])
         return mx.concatenate(out, axis=1)
+
+    def _compiled(self, x: mx.array, state: Optional[List[mx.array]], final: bool = False):
+        key = (state is None, final)
+        if key not in self._compiled_runs:
+            one_shot = state is None
+            fn = (lambda a: self._run(a, None)) if one_shot else (lambda a, s: self._run(a, s, final=final))
+            self._compiled_runs[key] = mx.compile(fn, inputs=self.state)  # reads the weights at every call
+        fn = self._compiled_runs[key]
+        return fn(x) if state is None else fn(x, state)
 
     def stream(self, x: mx.array, state: List[mx.array]):
         """Encode the next chunk `x` [B, L, channels], L a multiple of the hop -> (mean [B, L / hop, D], state)."""

@@ -15,6 +15,8 @@ import numpy as np
 from mlx_lm.models import qwen2
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
+from .activations import SwiGLU
+
 # The mlx-lm parameter names the loader relies on (tests/test_backbone.py pins them).
 LAYER_PARAMS = (
     "self_attn.q_proj.weight",
@@ -60,6 +62,18 @@ def make_cache(lm: qwen2.Qwen2Model) -> List[KVCache]:
     return [KVCache() for _ in lm.layers]
 
 
+def _transposed(w: mx.array) -> mx.array:
+    """w.T in row-major memory. MLX's strided copy moves ~0.2 GB/s on this path; numpy, 16 rows at a time from a
+    view of the same memory, about 5x that (the decode layout of a 1.5B model: ~10 s instead of ~50 s)."""
+    if w.dtype == mx.bfloat16 or mx.default_device() != mx.cpu:  # numpy has no bfloat16
+        return mx.contiguous(w.T)
+    src = np.asarray(w)
+    out = np.empty(src.shape[::-1], src.dtype)
+    for i in range(0, src.shape[0], 16):
+        out[:, i : i + 16] = src[i : i + 16].T
+    return mx.array(out)
+
+
 class DecodeLinear(nn.Module):
     """A Linear with its weight stored transposed, `weight_t` [in, out], made from a loaded `nn.Linear`.
 
@@ -71,7 +85,7 @@ class DecodeLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        self.weight_t = mx.contiguous(linear.weight.T)
+        self.weight_t = _transposed(linear.weight)
         if "bias" in linear:
             self.bias = linear.bias
 
@@ -83,8 +97,12 @@ class DecodeLinear(nn.Module):
 
 def to_decode_layout(module: nn.Module, keep: Optional[Callable[[str, nn.Linear], bool]] = None) -> int:
     """Replace every float `nn.Linear` under `module` (unless `keep(path, linear)`) by a `DecodeLinear`, one at a
-    time, so memory never holds more than one extra matrix; returns how many. Quantized layers stay as they are.
-    For the CPU backend only: Metal's kernels are written for the checkpoint layout."""
+    time, so memory never holds more than one extra matrix; returns how many. Quantized layers stay as they are;
+    a language model's MLPs also get the multiply-add SiLU. For the CPU backend only: Metal's kernels are
+    written for the checkpoint layout, and its exp is fast."""
+    if isinstance(module, qwen2.Qwen2Model):
+        for layer in module.layers:  # the MLPs' SiLU as multiply-adds (activations.py)
+            layer.mlp = SwiGLU(layer.mlp)
     paths = [(path, m) for path, m in module.named_modules()
              if isinstance(m, nn.Linear) and not (keep and keep(path, m))]
     for path, linear in paths:

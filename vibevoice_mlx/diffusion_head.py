@@ -13,6 +13,8 @@ import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs
 import numpy as np
 
+from .activations import silu
+
 logger = logging.getLogger(__name__)
 
 MAX_PERIOD = 10000  # a code constant in both references, not a config field
@@ -82,7 +84,7 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class HeadLayer(nn.Module):
@@ -100,7 +102,7 @@ class HeadLayer(nn.Module):
         return x + gate * self.ffn(self.norm(x) * (1 + scale) + shift)
 
     def __call__(self, x: mx.array, c: mx.array) -> mx.array:
-        return self.modulate(x, self.adaLN_modulation[1](self.adaLN_modulation[0](c)))
+        return self.modulate(x, self.adaLN_modulation[1](silu(c)))  # adaLN_modulation.0 is the SiLU
 
 
 class FinalLayer(nn.Module):
@@ -116,7 +118,7 @@ class FinalLayer(nn.Module):
         return self.linear(mx.fast.rms_norm(x, None, self.eps) * (1 + scale) + shift)
 
     def __call__(self, x: mx.array, c: mx.array) -> mx.array:
-        return self.modulate(x, self.adaLN_modulation[1](self.adaLN_modulation[0](c)))
+        return self.modulate(x, self.adaLN_modulation[1](silu(c)))  # adaLN_modulation.0 is the SiLU
 
 
 class DiffusionHead(nn.Module):
@@ -161,7 +163,7 @@ class DiffusionHead(nn.Module):
         runs once, and each adaLN weight is read once for all n steps instead of once per step.
         """
         c = self.cond_proj(condition.astype(self.dtype))[None] + t_embeddings[:, None]
-        c = nn.silu(c)
+        c = silu(c)
         mods = [layer.adaLN_modulation[1](c) for layer in self.layers]
         return mods + [self.final_layer.adaLN_modulation[1](c)]
 

@@ -139,7 +139,7 @@ class MLXBackend:
 
     name = "mlx"
 
-    def __init__(self, model: Model, tokens: SpecialTokens, max_batch: int = 8):
+    def __init__(self, model: Model, tokens: SpecialTokens, max_batch: int = 8, decode_layout: Optional[bool] = None):
         self.model = model
         self.tokens = tokens
         self.max_batch = max_batch
@@ -150,7 +150,7 @@ class MLXBackend:
         if not model.config.tie_word_embeddings and "lm_head" in model:
             # Only the control tokens are ever scored: the rest of an untied head is dead weight (7B: 1.1 GB).
             del model.lm_head
-        if mx.default_device() == mx.cpu:
+        if mx.default_device() == mx.cpu if decode_layout is None else decode_layout:
             # The weights a frame reads, in the layout the CPU's sgemm reads fastest (backbone.DecodeLinear).
             m = model.model
             for part in (m.language_model, m.prediction_head, m.acoustic_tokenizer.decoder,
@@ -195,7 +195,7 @@ class MLXBackend:
             batch = np.zeros((len(fresh), longest, 1), np.float32)
             for row, i in enumerate(fresh):
                 batch[row, : len(voices[i]), 0] = voices[i]
-            mean = tok.encoder(mx.array(batch)).astype(mx.float32)
+            mean = tok.encoder(mx.array(batch), compile=True).astype(mx.float32)
             for row, i in enumerate(fresh):
                 out[i] = np.array(mean[row, : math.ceil(len(voices[i]) / hop)])
         return [np.asarray(z, np.float32) for z in out]
