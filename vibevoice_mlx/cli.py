@@ -74,46 +74,71 @@ def doctor(as_json):
 # --- bench ---
 
 
+def _int_list(text):
+    try:
+        return [int(x) for x in str(text).split(",") if x.strip()] if text else []
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers") from None
+
+
 @main.command()
-@click.option("-m", "--model", required=True, help="Model folder or repo id (as for say).")
+@click.option("-m", "--model", help="Model folder or repo id (as for say).")
+@click.option("--random-weights", type=click.Choice(["1.5b", "7b"]),
+              help="A real configuration with seeded random weights (built once into the cache; frames forced).")
 @click.option("--backends", default="mlx", show_default=True,
-              help="Comma-separated, timed in this order; the last is the baseline of the ratios (e.g. mlx,torch).")
+              help="This package's backends, timed in this order; the last is the baseline of the ratios.")
+@click.option("--compare", default="", help="Peers timed the way their users run them, on the same weights: "
+              "torch (transformers' generate), mlx-audio (needs --peer-python). Comma-separated.")
+@click.option("--torch-model", type=click.Path(file_okay=False), help="Transformers-layout folder for --compare "
+              "torch (default: --model when it is one; --random-weights has one).")
+@click.option("--peer-python", help="A Python that has mlx-audio, for --compare mlx-audio.")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), help="Compute dtype.")
+@click.option("--q-bits", default="", help="Also time the language model quantized to these bits (e.g. 8,4).")
+@click.option("--batch", default="", help="Also measure throughput with this many scripts at once (e.g. 1,2,4,8).")
 @click.option("--frames", default=16, show_default=True, type=click.IntRange(2), help="Frames timed per run.")
-@click.option("--runs", default=3, show_default=True, type=click.IntRange(1))
-@click.option("--warmup", default=2, show_default=True, type=click.IntRange(1), help="Frames not timed per run.")
+@click.option("--runs", default=2, show_default=True, type=click.IntRange(1), help="Timed runs, after a warm-up.")
+@click.option("--warmup", default=1, show_default=True, type=click.IntRange(1), help="Untimed frames per run.")
 @click.option("--steps", default=10, show_default=True, type=click.IntRange(1, 100))
 @click.option("--cfg-scale", default=1.3, show_default=True, type=float)
 @click.option("--voice-seconds", default=3.0, show_default=True, type=click.FloatRange(0),
               help="Length of the synthetic voice prompt (0: no voice).")
-@click.option("--script", default=None, help="Text to speak (default: one sentence).")
+@click.option("--script", default=None, help="Text to speak (default: 'Speaker 0: Hello there.').")
 @click.option("--force-frames", is_flag=True, help="Make every step a frame (random-weight checkpoints).")
+@click.option("--profile-frames", default=6, show_default=True, type=click.IntRange(0),
+              help="Frames of the instrumented pass that splits a frame by stage (0: skip it).")
 @click.option("--tokenizer", help="Tokenizer folder or repo id, when the model folder has none.")
-def bench(model, backends, dtype, frames, runs, warmup, steps, cfg_scale, voice_seconds, script, force_frames,
-          tokenizer):
-    """Time generation per frame for each backend in one run and print the ratios."""
+@click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON at the end.")
+def bench(model, random_weights, backends, compare, torch_model, peer_python, dtype, q_bits, batch, frames, runs,
+          warmup, steps, cfg_scale, voice_seconds, script, force_frames, profile_frames, tokenizer, as_json):
+    """Time load, prefill, first audio and each frame by stage, beside this machine's memory-bandwidth floor."""
     from . import bench as b
 
     names = [n.strip() for n in backends.split(",") if n.strip()]
     bad = [n for n in names if n not in ("mlx", "torch")]
     if bad or not names:
         raise CLIError(f"Unknown backend(s) {bad or backends!r}: use mlx, torch or mlx,torch.")
-    click.echo(f"machine: {b.machine()}")
-    from .blas import describe as describe_blas
+    peers = [n.strip() for n in compare.split(",") if n.strip()]
+    if any(p not in ("torch", "mlx-audio") for p in peers):
+        raise CLIError(f"Unknown peer(s) in --compare {compare!r}: use torch, mlx-audio.")
+    if "mlx-audio" in peers and not peer_python:
+        raise CLIError("--compare mlx-audio needs --peer-python <a python that has mlx-audio installed>.")
+    if (model is None) == (random_weights is None):
+        raise CLIError("Give one of --model <folder> and --random-weights 1.5b|7b.")
+    settings = b.BenchSettings(frames=frames, runs=runs, warmup=warmup, steps=steps, cfg_scale=cfg_scale,
+                               voice_seconds=voice_seconds, script=script or b.DEFAULT_SCRIPT,
+                               force_frames=force_frames, profile_frames=profile_frames)
 
-    click.echo(f"BLAS: {describe_blas()}")
-    click.echo(f"model: {model}; {frames} frames x {runs} runs after {warmup} warm-up frames; {steps} steps, "
-               f"cfg {cfg_scale}; voice {voice_seconds:g} s" + ("; forced frames" if force_frames else ""))
-    results = []
-    for name in names:
-        with user_errors():
-            r = b.run_backend(model=model, backend=name, dtype=dtype, script=script or b.DEFAULT_SCRIPT,
-                              voice_seconds=voice_seconds, frames=frames, runs=runs, warmup=warmup, steps=steps,
-                              cfg_scale=cfg_scale, force_frames=force_frames, tokenizer=tokenizer)
-        results.append(r)
-        click.echo(b.format_results([r]))
-    if len(results) > 1:
-        click.echo(b.format_results(results).splitlines()[-1])
+    def echo(doc, part):
+        if not as_json:
+            text = b.format_bench(doc, part)
+            if text:
+                click.echo(text)
+
+    with user_errors():
+        doc = b.run_bench(model, random_weights, tokenizer, names, peers, torch_model, peer_python, dtype,
+                          _int_list(q_bits), _int_list(batch), settings, echo)
+    if as_json:
+        click.echo(b.to_json(doc))
 
 
 def _register_extras():
