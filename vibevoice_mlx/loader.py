@@ -135,6 +135,16 @@ def load_tokenizer(folder: Path, tokenizer: Optional[Union[str, Path]] = None):
                         "the model again, or pass --tokenizer.") from None
 
 
+def inspect(path_or_repo: Union[str, Path], tokenizer: Optional[Union[str, Path]] = None,
+            revision: Optional[str] = None) -> Tuple[Checkpoint, ModelConfig, Any, SpecialTokens]:
+    """Everything about a model but its weights: the checkpoint read once, its typed config, the tokenizer and
+    the control tokens (what `load` builds on, and what `say` checks a script against before loading)."""
+    ckpt = read_checkpoint(resolve_folder(path_or_repo, revision))
+    config = ModelConfig.from_normalized(ckpt.normalized, ckpt.quantization)
+    tok = load_tokenizer(ckpt.folder, tokenizer)
+    return ckpt, config, tok, SpecialTokens.from_tokenizer(tok, config.token_ids)
+
+
 def load(
     path_or_repo: Union[str, Path],
     backend: str = "mlx",
@@ -154,13 +164,7 @@ def load(
     """
     if backend not in BACKENDS:
         raise LoadError(f"Unknown backend {backend!r}: choose 'mlx' or 'torch'.")
-    ckpt = read_checkpoint(resolve_folder(path_or_repo, revision))
-    config = ModelConfig.from_normalized(ckpt.normalized, ckpt.quantization)
-    tok = load_tokenizer(ckpt.folder, tokenizer)
-    try:
-        tokens = SpecialTokens.from_tokenizer(tok, config.token_ids)
-    except ValueError as e:
-        raise LoadError(str(e)) from None
+    ckpt, config, tok, tokens = inspect(path_or_repo, tokenizer, revision)
     if backend == "torch":
         from .torch_engine import TorchBackend
 

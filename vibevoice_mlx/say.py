@@ -156,22 +156,13 @@ def _say(text, file, model, voices, save_voices, out, force, play, quiet, option
 def _load_checked(model, backend, device, dtype, attention, tokenizer, script, speakers, voice_inputs, force, run):
     """Config and tokenizer first (the parts to generate, whether they fit, whether the model fits in memory),
     then the weights. Returns (pipeline, parts), or None after printing the plan for --dry-run."""
-    from .checkpoint import read_checkpoint
     from .convert.cache import model_folder
-    from .loader import load, load_tokenizer, resolve_folder
+    from .loader import inspect, load
     from .longrun import describe, plan
-    from .model import ModelConfig
     from .preflight import check_memory, default_dtype_name
-    from .processor import SpecialTokens
 
     folder = model_folder(model, dtype=dtype, tokenizer=tokenizer) if backend == "mlx" else model
-    ckpt = read_checkpoint(resolve_folder(folder))
-    config = ModelConfig.from_normalized(ckpt.normalized, ckpt.quantization)
-    tok = load_tokenizer(ckpt.folder, tokenizer)
-    try:
-        tokens = SpecialTokens.from_tokenizer(tok, config.token_ids)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    ckpt, config, tok, tokens = inspect(folder, tokenizer)
     frames = [math.ceil(len(v) / config.hop_length) if not isinstance(v, str) else _saved_frames(v)
               for v in voice_inputs]
     if frames and len(frames) < len(speakers):
@@ -197,21 +188,28 @@ def _saved_frames(path) -> int:
     return int(load_voice(path)[0].shape[0])
 
 
+def _save_voices(pipe, voices, voice_inputs, save_voices, force):
+    """Encode the voices once, as the run does (one padded batch), save the asked ones, and return the latents
+    the run then uses, so a saved voice holds exactly what this run used."""
+    if not save_voices:
+        return voice_inputs
+    from .voices import encode_voices, save_voice
+
+    latents = encode_voices(pipe, voice_inputs)
+    for i, target in enumerate(save_voices):
+        save_voice(pipe, voice_inputs[i], target, force=force, latents=latents[i])
+        click.echo(f"Saved voice {voices[i]} -> {target}", err=True)
+    return latents
+
+
 def _generate(pipe, script, out, voices, voice_inputs, save_voices, force, player, quiet, options) -> int:
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from . import generation as gen
     from .output import AudioWriter
-    from .voices import encode_voices, save_voice
 
-    if save_voices:
-        # Encode once, as the run does (one padded batch), so a saved voice holds exactly what this run uses.
-        latents = encode_voices(pipe, voice_inputs)
-        for i, target in enumerate(save_voices):
-            save_voice(pipe, voice_inputs[i], target, force=force, latents=latents[i])
-            click.echo(f"Saved voice {voices[i]} -> {target}", err=True)
-        voice_inputs = latents
+    voice_inputs = _save_voices(pipe, voices, voice_inputs, save_voices, force)
     bar = tqdm(unit="frame", desc="Generating", dynamic_ncols=True, file=sys.stderr, disable=quiet or None)
     last, writer, status = None, None, 0
     try:
@@ -254,14 +252,8 @@ def _generate_parts(pipe, parts, script, out, voices, voice_inputs, save_voices,
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from .longrun import speak_parts
-    from .voices import encode_voices, save_voice
 
-    if save_voices:
-        latents = encode_voices(pipe, voice_inputs)
-        for i, target in enumerate(save_voices):
-            save_voice(pipe, voice_inputs[i], target, force=force, latents=latents[i])
-            click.echo(f"Saved voice {voices[i]} -> {target}", err=True)
-        voice_inputs = latents
+    voice_inputs = _save_voices(pipe, voices, voice_inputs, save_voices, force)
     bar = tqdm(unit="frame", desc="Generating", dynamic_ncols=True, file=sys.stderr, disable=quiet or None)
     start = time.perf_counter()
     try:
