@@ -38,6 +38,25 @@ def test_float16_keeps_the_small_parameters_float32(tiny):
     assert gammas and all(p[k].dtype == mx.float32 for k in gammas)
 
 
+def test_a_bfloat16_checkpoint_loads_as_float32_without_holding_both_copies(tiny, tmp_path):
+    # The real checkpoints are bfloat16 and the CPU runs float32: the load's peak must be the float32 model plus
+    # about one tensor, not plus the whole checkpoint (which would add half the model here).
+    folder = tmp_path / "bf16"
+    shutil.copytree(tiny["original"], folder)
+    (weights,) = folder.glob("*.safetensors")
+    mx.save_safetensors(str(weights), {k: v.astype(mx.bfloat16) for k, v in mx.load(str(weights)).items()})
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    mx.reset_peak_memory()
+    model, _ = load_model(folder, dtype="float32")
+    params = dict(tree_flatten(model.parameters()))
+    size = sum(v.nbytes for v in params.values())
+    largest = max(v.nbytes for v in params.values())
+    extra = mx.get_peak_memory() - before - size
+    assert all(v.dtype == mx.float32 for v in params.values())
+    assert extra <= 2 * largest, f"load peak {extra} bytes above the model ({size}); largest tensor {largest}"
+
+
 def test_default_dtype_follows_the_device(tiny):
     model, _ = load_model(tiny["original"])
     want = mx.float16 if mx.default_device() == mx.gpu else mx.float32
