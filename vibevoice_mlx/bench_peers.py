@@ -148,19 +148,29 @@ def mlx_audio_peer(folder: str, tokenizer: Optional[str], s: Dict) -> Dict:
     pre["language_model_pretrained_name"] = str(Path(tokenizer or folder).resolve())
     (work / "preprocessor_config.json").unlink()
     (work / "preprocessor_config.json").write_text(json.dumps(pre))
+    # A tied 1.5B checkpoint may leave lm_head.weight out (ours do; the released one stores the copy), and
+    # mlx-audio loads strictly: give it the tie as one more shard, the embedding matrix under the head's name.
+    weights = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        weights.update(mx.load(str(f)))
+    if "lm_head.weight" not in weights:
+        mx.save_safetensors(str(work / "tied-lm-head.safetensors"),
+                            {"lm_head.weight": weights["model.language_model.embed_tokens.weight"]})
+    del weights
     start = time.perf_counter()
     model = load_model(str(work), lazy=True)
     model.set_dtype(mx.float32)
     mx.eval(model.parameters())
     load_s = time.perf_counter() - start
-    diffusion = int(model.config.speech_diffusion_id) if hasattr(model.config, "speech_diffusion_id") else 151654
+    model._resolve_non_streaming_token_ids()  # its control ids, from the tokenizer it loaded
+    diffusion = int(model.speech_diffusion_id)
     original = model._select_non_streaming_next_token
     stamps: List[float] = []
 
     def forced(*args, **kwargs):
-        original(*args, **kwargs)  # the same work and sync as an ordinary choice
+        original(*args, **kwargs)  # the same work and sync as an ordinary choice (it returns a Python int)
         stamps.append(time.perf_counter())
-        return mx.array([diffusion])
+        return diffusion
 
     model._select_non_streaming_next_token = forced
     voice = _voice(s["voice_seconds"]) if s["voice_seconds"] > 0 else None
