@@ -154,12 +154,34 @@ def test_extra_voices_are_reported_and_not_used(pipe, caplog):
     np.testing.assert_array_equal(a.audio, b.audio)
 
 
-def test_a_float16_overflow_is_recomputed_in_float32_and_the_run_goes_on(tiny, caplog):
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_queueing_the_next_lm_step_ahead_changes_no_sample(tiny, dtype):
+    """The engine queues the next LM step behind a frame on a GPU (`queue_ahead`) and not on the CPU, where
+    async_eval of a big graph blocks; both orders run the same ops, so a batch whose rows end at different steps
+    gives the same audio bit for bit either way."""
+    import mlx.core as mx
+
+    pipe = vv.load(tiny["original"], tokenizer=tiny["tokenizer"], dtype=dtype)
+    assert pipe.backend.queue_ahead == (mx.default_device() != mx.cpu)
+    scripts = ["Speaker 1: Hello there.", "Speaker 1: Hi."]
+    out = {}
+    for ahead in (False, True):
+        pipe.backend.queue_ahead = ahead
+        out[ahead] = vv.generate_batch(pipe, scripts, sampler=[frames_then_stop(5), frames_then_stop(2)], seed=4)
+    for a, b in zip(out[False], out[True]):
+        assert a.frames == b.frames and a.frames in (5, 2)
+        np.testing.assert_array_equal(a.audio, b.audio)
+
+
+@pytest.mark.parametrize("queue_ahead", [False, True])
+def test_a_float16_overflow_is_recomputed_in_float32_and_the_run_goes_on(tiny, caplog, queue_ahead):
     """Per-frame numerical recovery: the decoder's output overflows float16 (weights scaled so its activations
-    pass 65504, finite in float32); that frame is redone with the frame stages in float32, with one log line."""
+    pass 65504, finite in float32); that frame is redone with the frame stages in float32, with one log line.
+    With the next LM step queued ahead (the GPU's order), the recovery also drops that step's cache entry."""
     import mlx.core as mx
 
     pipe = vv.load(tiny["original"], tokenizer=tiny["tokenizer"], dtype="float16")
+    pipe.backend.queue_ahead = queue_ahead
     head = pipe.model.model.acoustic_tokenizer.decoder.head.conv.conv
     head.weight = head.weight * 3e4
     head.bias = head.bias * 3e4

@@ -139,10 +139,16 @@ class MLXBackend:
 
     name = "mlx"
 
-    def __init__(self, model: Model, tokens: SpecialTokens, max_batch: int = 8, decode_layout: Optional[bool] = None):
+    def __init__(self, model: Model, tokens: SpecialTokens, max_batch: int = 8, decode_layout: Optional[bool] = None,
+                 queue_ahead: Optional[bool] = None):
         self.model = model
         self.tokens = tokens
         self.max_batch = max_batch
+        # Queue the next LM step behind a frame before reading the frame's audio (default: on a GPU). On MLX's
+        # CPU backend `async_eval` of a graph of more than a few ops returns only when most of it has run
+        # (measured on the 1.5B: a frame step's async_eval took 1.07 s of its 1.07 s), so there nothing would
+        # overlap and every chunk of audio would reach the caller one LM step (0.7 s) late.
+        self.queue_ahead = mx.default_device() != mx.cpu if queue_ahead is None else queue_ahead
         self.solver = DPMSolver.from_config(model.config.scheduler)
         self.control_ids = tokens.control_ids
         self.head_rows = model.head_rows(self.control_ids)
@@ -359,7 +365,7 @@ class MLXBackend:
                 r.step += 1
 
             # This step's cache and stream bookkeeping does not depend on its frame, so it comes first: the next
-            # LM step can then be queued behind the frame and run while the frame's audio is handed out.
+            # LM step can then be queued behind the frame (`queue_ahead`) and run while its audio is handed out.
             idle = [k for k in range(len(rows)) if k not in diffuse]
             if idle:
                 cache.drop_negative(idle)  # on a step without a frame the negative branch would not have run
@@ -385,7 +391,7 @@ class MLXBackend:
                                                                   dec_state, sem_state)
                     for k in diffuse:
                         rows[k].x = xn[k:k + 1]
-                    if not ended and not (waiting and len(rows) < self.max_batch):
+                    if self.queue_ahead and not ended and not (waiting and len(rows) < self.max_batch):
                         queued = self._lm_step(rows, cache)
                     chunks = self._read(audio, ok, diffuse, recover=frame_step.dtype != mx.float32)
                     if chunks is not None:
