@@ -110,6 +110,23 @@ def test_bad_arguments_are_one_line_errors(tiny):
     assert r.exit_code != 0 and "comma-separated" in r.output
 
 
+def test_a_peer_python_that_cannot_run_mlx_audio_is_refused_before_any_timing(tiny, tmp_path):
+    from vibevoice_mlx.bench_peers import check_peer_python
+
+    fails, works = tmp_path / "no-mlx-audio", tmp_path / "has-mlx-audio"
+    fails.write_text("#!/bin/sh\nexit 1\n")
+    works.write_text("#!/bin/sh\nexit 0\n")
+    for f in (fails, works):
+        f.chmod(0o755)
+    assert "cannot import mlx_audio" in check_peer_python(str(fails))
+    assert check_peer_python(str(works)) is None
+    missing = str(tmp_path / "nowhere" / "python")
+    assert "cannot run it" in check_peer_python(missing)
+    r = CliRunner().invoke(main, ["bench", "--model", str(tiny["original"]), "--compare", "mlx-audio",
+                                  "--peer-python", missing])
+    assert r.exit_code == 1 and r.output.strip().splitlines() == [f"Error: {check_peer_python(missing)}"]
+
+
 def test_random_weights_are_built_once_into_the_cache(tmp_path, monkeypatch):
     calls = []
 

@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import statistics
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -28,7 +27,7 @@ import numpy as np
 
 from . import bench_report as report
 from . import generation
-from .bench_peers import peak_rss_gb, reset_peak_rss
+from .bench_peers import peak_rss_gb, reset_peak_rss, synthetic_voice
 from .backend import FrameSettings, greedy
 from .constants import SAMPLE_RATE
 from .errors import UserError
@@ -107,12 +106,6 @@ class _Clock:
         token = greedy(logits, token_ids)  # same work and sync as an ordinary run
         self.stamps.append(time.perf_counter())
         return token_ids[2] if self.force else token
-
-
-def synthetic_voice(seconds: float, seed: int = 0) -> np.ndarray:
-    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
-    rng = np.random.default_rng(seed)
-    return (0.1 * np.sin(2 * np.pi * 180 * t) + 0.02 * rng.standard_normal(t.size)).astype(np.float32)
 
 
 # --- model folders --------------------------------------------------------------------------------------------
@@ -205,21 +198,15 @@ def load_mlx(folder, tokenizer=None, dtype: Optional[str] = None, q_bits: Option
     import mlx.core as mx
     import mlx.nn as nn
 
-    from .checkpoint import read_checkpoint
     from .engine import MLXBackend
-    from .loader import VibeVoice, build_model, load_tokenizer, resolve_folder
-    from .model import ModelConfig
-    from .processor import SpecialTokens
+    from .loader import VibeVoice, build_model, inspect
 
-    ckpt = read_checkpoint(resolve_folder(folder))
-    config = ModelConfig.from_normalized(ckpt.normalized, ckpt.quantization)
+    ckpt, config, tok, tokens = inspect(folder, tokenizer)
     if config.quantization:
         raise UserError(f"{folder} is quantized already; --q-bits quantizes a float model.")
     model = build_model(ckpt, config, dtype)
     nn.quantize(model, group_size=q_group_size, bits=q_bits, class_predicate=model.quant_predicate)
     mx.eval(model.parameters())
-    tok = load_tokenizer(ckpt.folder, tokenizer)
-    tokens = SpecialTokens.from_tokenizer(tok, config.token_ids)
     pipe = VibeVoice(backend=MLXBackend(model, tokens, max_batch=max_batch), tokenizer=tok, tokens=tokens,
                      folder=ckpt.folder, config=config, defaults=dict(ckpt.generation))
     return pipe, time.perf_counter() - start

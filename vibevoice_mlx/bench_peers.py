@@ -46,7 +46,8 @@ def reset_peak_rss() -> None:
         pass
 
 
-def _voice(seconds: float):
+def synthetic_voice(seconds: float):
+    """The voice prompt every benchmarked system gets: a 180 Hz tone in seeded noise, 24 kHz float32."""
     import numpy as np
 
     t = np.arange(int(seconds * 24000)) / 24000
@@ -91,7 +92,7 @@ def transformers_peer(folder: str, tokenizer: Optional[str], s: Dict) -> Dict:
     kwargs = {}
     frames = None
     if s["voice_seconds"] > 0:
-        voice = _voice(s["voice_seconds"])
+        voice = synthetic_voice(s["voice_seconds"])
         extractor = VibeVoiceAcousticTokenizerFeatureExtractor(sampling_rate=24000, pad_to_multiple_of=hop)
         features = extractor([voice], sampling_rate=24000, return_tensors="pt")
         kwargs = {"input_values": features["input_values"].to(model.dtype), "padding_mask": features["padding_mask"]}
@@ -173,7 +174,7 @@ def mlx_audio_peer(folder: str, tokenizer: Optional[str], s: Dict) -> Dict:
         return diffusion
 
     model._select_non_streaming_next_token = forced
-    voice = _voice(s["voice_seconds"]) if s["voice_seconds"] > 0 else None
+    voice = synthetic_voice(s["voice_seconds"]) if s["voice_seconds"] > 0 else None
 
     def run(n):
         stamps.clear()
@@ -200,6 +201,19 @@ def _version(dist: str) -> str:
 
 
 # --- the child process and its parent -----------------------------------------------------------------------
+
+
+def check_peer_python(python: str) -> Optional[str]:
+    """Why `python` cannot run the mlx-audio peer (a one-line reason), or None: checked before anything is timed."""
+    try:
+        proc = subprocess.run([python, "-c", "import mlx_audio"], capture_output=True, text=True, timeout=120)
+    except OSError as e:
+        return (f"--peer-python {python}: cannot run it ({e.strerror}); give the python of an environment with "
+                "mlx-audio.")
+    if proc.returncode != 0:
+        return (f"--peer-python {python} cannot import mlx_audio: install it there "
+                "(pip install 'mlx[cpu]' mlx-audio on Linux, pip install mlx-audio on a Mac).")
+    return None
 
 
 def run_peer(peer: str, folder, settings: Dict, tokenizer=None, python: Optional[str] = None,

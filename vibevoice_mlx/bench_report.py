@@ -159,7 +159,7 @@ def format_system(r: Dict) -> List[str]:
 def format_stages(r: Dict, floor: Dict) -> List[str]:
     """The instrumented stage timings beside each stage's floor."""
     stages, bw = r["stages_ms"], floor["bandwidth_gb_per_s"]
-    lines = [f"      stages per frame (instrumented pass, medians)   measured      floor  bytes read  x floor"]
+    lines = ["      stages per frame (instrumented pass, medians)   measured      floor  bytes read  x floor"]
     total_ms = total_floor = 0.0
     for name in STAGES:
         ms = stages.get(name)

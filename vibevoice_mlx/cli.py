@@ -120,8 +120,14 @@ def bench(model, random_weights, backends, compare, torch_model, peer_python, dt
     peers = [n.strip() for n in compare.split(",") if n.strip()]
     if any(p not in ("torch", "mlx-audio") for p in peers):
         raise CLIError(f"Unknown peer(s) in --compare {compare!r}: use torch, mlx-audio.")
-    if "mlx-audio" in peers and not peer_python:
-        raise CLIError("--compare mlx-audio needs --peer-python <a python that has mlx-audio installed>.")
+    if "mlx-audio" in peers:
+        if not peer_python:
+            raise CLIError("--compare mlx-audio needs --peer-python <a python that has mlx-audio installed>.")
+        from .bench_peers import check_peer_python
+
+        problem = check_peer_python(peer_python)
+        if problem:
+            raise CLIError(problem)
     if (model is None) == (random_weights is None):
         raise CLIError("Give one of --model <folder> and --random-weights 1.5b|7b.")
     settings = b.BenchSettings(frames=frames, runs=runs, warmup=warmup, steps=steps, cfg_scale=cfg_scale,

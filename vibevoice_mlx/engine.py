@@ -38,8 +38,6 @@ class FrameStep:
     `profile` runs the same stages one at a time, for the stage timings of `bench`.
     """
 
-    STAGES = ("diffusion head", "decoder", "semantic encoder", "connectors")
-
     def __init__(self, model: Model, solver: DPMSolver, steps: int, cfg_scale: float, dtype, compile: bool = True):
         m = model.model
         schedule = solver.schedule(steps)
@@ -276,27 +274,25 @@ class MLXBackend:
 
     def profile(self, job: SegmentJob, settings: FrameSettings, frames: int) -> Dict[str, List[float]]:
         """Seconds per stage of `frames` speech frames of one segment run alone, every stage evaluated before the
-        next: "prefill" (the prompt through the positive branch) once, then per frame "language model" (one
-        batched step of both branches), "token choice" (the 4 control logits and their argmax) and the
+        next: "prefill" (the prompt through the positive branch) once, then per frame "language model" (`_lm_step`:
+        one batched step of both branches and the 4 control logits), "token choice" (their argmax) and the
         `FrameStep` stages. The same work as `run` with every step a frame; only the barriers are added."""
-        lm = self.model.language_model
         frame_step = self.frame_step(settings)
         dec, sem = self.model.model.acoustic_tokenizer.decoder, self.model.model.semantic_tokenizer.encoder
         start = time.perf_counter()
         row, cache = self._prefill(0, job, settings.prefill_chunk)
         mx.eval(row.x, [c.state[:2] for c in cache])
         out: Dict[str, List[float]] = {"prefill": [time.perf_counter() - start]}
-        dec_state, sem_state, x = dec.make_state(1), sem.make_state(1), row.x
+        dec_state, sem_state = dec.make_state(1), sem.make_state(1)
         for _ in range(frames):
             start = time.perf_counter()
-            h = backbone.forward(lm, mx.repeat(x, 2, axis=0).astype(self.dtype), cache)
-            mx.eval(h)
+            pos_h, neg_h, logits, _ = self._lm_step([row], cache)
+            mx.eval(pos_h, neg_h, logits)
             lm_done = time.perf_counter()
-            pos_h, neg_h = h[0::2, -1], h[1::2, -1]
-            mx.argmax(pos_h.astype(mx.float32) @ self.head_rows.T, axis=-1).item()
+            mx.argmax(logits, axis=-1).item()
             chose = time.perf_counter()
-            (_, _, x, dec_state, sem_state), seconds = frame_step.profile(pos_h, neg_h, mx.array(job.noise()),
-                                                                          dec_state, sem_state)
+            (_, _, row.x, dec_state, sem_state), seconds = frame_step.profile(pos_h, neg_h, mx.array(job.noise()),
+                                                                              dec_state, sem_state)
             seconds.update({"language model": lm_done - start, "token choice": chose - lm_done})
             for name, value in seconds.items():
                 out.setdefault(name, []).append(value)
