@@ -14,9 +14,11 @@ import pytest
 from vibevoice_mlx import blas
 
 linux_only = pytest.mark.skipif(sys.platform != "linux", reason="MLX's BLAS is only replaceable on Linux")
-SYSTEM_OPENBLAS = blas.find_system_openblas() if sys.platform == "linux" else None
+SYSTEM_OPENBLAS = blas.find_system_blas("openblas") if sys.platform == "linux" else None
+SYSTEM_BLIS = blas.find_system_blas("blis") if sys.platform == "linux" else None
 needs_openblas = pytest.mark.skipif(SYSTEM_OPENBLAS is None,
-                                    reason=f"no system OpenBLAS (apt-get install {blas.APT_PACKAGE})")
+                                    reason="no system OpenBLAS (apt-get install libopenblas0-pthread)")
+needs_blis = pytest.mark.skipif(SYSTEM_BLIS is None, reason=f"no system BLIS (apt-get install {blas.APT_PACKAGE})")
 
 WHEEL_BLAS = "/venv/lib/python3.11/site-packages/mlx_cpu.libs/libblas-bd8a282c.so.3.10.0"
 NUMPY_BLAS = "/venv/lib/python3.11/site-packages/numpy.libs/libscipy_openblas64_-32a4b2a6.so"
@@ -77,6 +79,30 @@ def test_find_system_openblas_takes_the_first_that_exists():
     assert blas.openblas_paths("aarch64")[0] == "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0"
 
 
+def test_auto_takes_a_threaded_blis_first_then_openblas():
+    blis, openblas = ["/a/libblis.so.4", "/b/libblis.so.4"], ["/c/libopenblas.so.0"]
+
+    def find(kind, present=("/b/libblis.so.4", "/c/libopenblas.so.0")):
+        return blas.find_system_blas(kind, blis, openblas, exists=lambda p: p in present)
+
+    assert find("auto") == find("blis") == "/b/libblis.so.4"
+    assert find("openblas") == "/c/libopenblas.so.0"
+    assert find("auto", present=("/c/libopenblas.so.0",)) == "/c/libopenblas.so.0"
+    assert find("blis", present=("/c/libopenblas.so.0",)) is None
+    assert find("auto", present=()) is None
+    assert blas.blis_paths("aarch64")[0] == "/usr/lib/aarch64-linux-gnu/blis-pthread/libblis.so.4"
+
+
+def test_blis_gets_every_core_unless_its_threads_are_set():
+    lib = "/usr/lib/x86_64-linux-gnu/blis-pthread/libblis.so.4"
+    assert blas.thread_env(lib, {}, cores=16) == {"BLIS_NUM_THREADS": "16"}
+    assert blas.thread_env(lib, {"BLIS_NUM_THREADS": "3"}, cores=16) == {}
+    assert blas.thread_env(lib, {"OMP_NUM_THREADS": "4"}, cores=16) == {}  # BLIS reads it too
+    assert blas.thread_env(OPENBLAS, {}, cores=16) == {}  # OpenBLAS takes every core by itself
+    assert blas.python_command(lib).startswith("BLIS_NUM_THREADS=")
+    assert blas.python_command(OPENBLAS) == f"LD_PRELOAD={OPENBLAS} python your_script.py"
+
+
 @pytest.mark.parametrize("argv, cli", [
     (["/venv/bin/vibevoice-mlx", "say", "x"], True),
     (["/src/vibevoice_mlx/cli.py", "doctor"], True),  # python -m vibevoice_mlx.cli
@@ -98,7 +124,7 @@ CLI = ["/venv/bin/vibevoice-mlx", "say"]
     (["/venv/bin/pytest"], {}, "Linux", True, REF, OPENBLAS, "none", "host process"),
     (CLI, {}, "Linux", False, {"name": "OpenBLAS", "path": OPENBLAS}, OPENBLAS, "none", "already"),
     (CLI, {}, "Linux", True, {"name": "MKL", "path": "/opt/libmkl_rt.so.2"}, OPENBLAS, "none", "already"),
-    (CLI, {}, "Linux", False, REF, None, "none", "apt-get install libopenblas0-pthread"),
+    (CLI, {}, "Linux", False, REF, None, "none", "apt-get install libblis4-pthread"),
     (CLI, {}, "Linux", False, REF, OPENBLAS, "preload", "not imported"),
     (CLI, {}, "Linux", True, REF, OPENBLAS, "reexec", "imported before"),
     (CLI, {blas.GUARD_ENV: OPENBLAS}, "Linux", True, REF, OPENBLAS, "none", "not again"),  # the loop guard
@@ -112,11 +138,12 @@ def test_plan(argv, env, system, mlx_loaded, active, library, action, reason):
     assert (p.library == library) if action != "none" else True
 
 
-@pytest.mark.parametrize("setting, want", [(None, "/found"), ("auto", "/found"), ("off", "/found"),
+@pytest.mark.parametrize("setting, want", [(None, "/found-auto"), ("auto", "/found-auto"), ("off", "/found-auto"),
+                                           ("blis", "/found-blis"), ("openblas", "/found-openblas"),
                                            ("/opt/libopenblas.so.0", "/opt/libopenblas.so.0")])
 def test_the_setting_names_the_library(setting, want):
     env = {} if setting is None else {blas.ENV: setting}
-    assert blas._wanted_library(env, lambda: "/found") == want
+    assert blas._wanted_library(env, lambda kind: f"/found-{kind}") == want
 
 
 def test_a_reexecuted_process_takes_its_library_out_of_ld_preload():
@@ -132,8 +159,8 @@ def test_check_library_rejects_what_mlx_cannot_call():
     numpy_blas = glob.glob(os.path.join(os.path.dirname(np.__file__) + ".libs", "*openblas*.so*"))
     if numpy_blas:  # the PyPI OpenBLAS (scipy-openblas) prefixes its symbols: no use for MLX
         assert "no cblas_sgemm" in blas.check_library(numpy_blas[0])
-    if SYSTEM_OPENBLAS:
-        assert blas.check_library(SYSTEM_OPENBLAS) is None
+    for system in filter(None, [SYSTEM_OPENBLAS, SYSTEM_BLIS]):
+        assert blas.check_library(system) is None
 
 
 @linux_only
@@ -165,12 +192,13 @@ a = mx.random.normal((256, 256), key=mx.random.key(1))
 mx.eval(a)
 r = blas.blas_report(measure=False)
 print(json.dumps({{"action": p.action, "name": r["name"], "how": r["how"], "preload": os.environ.get("LD_PRELOAD"),
-                  "product": (a @ a).tolist()}}))
+                  "config": r["config"], "product": (a @ a).tolist()}}))
 """
 
 
 def _run(import_first: bool, **env):
-    base = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", blas.ENV, blas.GUARD_ENV)}
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("LD_PRELOAD", blas.ENV, blas.GUARD_ENV) + blas.BLIS_THREADS_ENV}
     out = subprocess.run([sys.executable, "-c", SNIPPET.format(import_first=import_first)], env={**base, **env},
                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
     assert out.returncode == 0, out.stderr
@@ -179,21 +207,35 @@ def _run(import_first: bool, **env):
 
 
 @linux_only
-@needs_openblas
-def test_cli_loads_openblas_in_place_or_by_reexec_and_results_agree():
+@pytest.mark.parametrize("kind", [pytest.param("openblas", marks=needs_openblas),
+                                  pytest.param("blis", marks=needs_blis)])
+def test_cli_loads_the_system_blas_in_place_or_by_reexec_and_results_agree(kind):
+    library, name = (SYSTEM_OPENBLAS, "OpenBLAS") if kind == "openblas" else (SYSTEM_BLIS, "BLIS")
     starts, off = _run(False, **{blas.ENV: "off"})
     assert starts == ["start None"] and off["action"] == "none" and blas.is_reference(off["name"])
 
-    starts, inplace = _run(False)  # MLX not imported yet: loaded in this process, no second start
+    starts, inplace = _run(False, **{blas.ENV: kind})  # MLX not imported yet: loaded in this process
     assert starts == ["start None"]
-    assert (inplace["action"], inplace["name"], inplace["how"]) == ("preload", "OpenBLAS", "loaded by vibevoice-mlx")
+    assert (inplace["action"], inplace["name"], inplace["how"]) == ("preload", name, "loaded by vibevoice-mlx")
 
-    starts, again = _run(True)  # MLX imported first: the command starts once more, under LD_PRELOAD, once only
-    assert starts == ["start None", f"start {SYSTEM_OPENBLAS}"]
-    assert (again["action"], again["name"], again["how"]) == ("none", "OpenBLAS", "LD_PRELOAD")
+    starts, again = _run(True, **{blas.ENV: kind})  # MLX imported first: the command starts once more, once only
+    assert starts == ["start None", f"start {library}"]
+    assert (again["action"], again["name"], again["how"]) == ("none", name, "LD_PRELOAD")
     assert again["preload"] is None  # children of the re-executed process do not inherit it
+
+    if kind == "blis":  # one thread per usable core on both paths, not BLIS's default of one
+        cores = len(os.sched_getaffinity(0))
+        assert inplace["config"].startswith("BLIS ") and inplace["config"].endswith(f" {cores} threads")
+        assert again["config"] == inplace["config"]
 
     ref = np.array(off["product"], dtype=np.float32)
     scale = np.abs(ref).max()
     for fast in (inplace, again):  # another BLAS, the same product up to float32 rounding
         np.testing.assert_allclose(np.array(fast["product"], dtype=np.float32), ref, rtol=0, atol=1e-5 * scale)
+
+
+@linux_only
+@pytest.mark.skipif(SYSTEM_BLIS is None and SYSTEM_OPENBLAS is None, reason="no system BLAS")
+def test_auto_loads_blis_when_there_is_one():
+    _, auto = _run(False)
+    assert auto["name"] == ("BLIS" if SYSTEM_BLIS else "OpenBLAS")

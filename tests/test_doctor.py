@@ -100,7 +100,7 @@ def test_nothing_missing_when_everything_is_installed():
 def _fake_blas(name, path, gflops, system=blas.openblas_paths("x86_64")[0], how=None):
     fast = not blas.is_reference(name)
     return {"name": name, "path": path, "how": how, "gflops": gflops, "fast": fast, "config": None,
-            "setting": "auto", "system_openblas": system, "python_command": blas.python_command(system),
+            "setting": "auto", "system_blas": system, "python_command": blas.python_command(system),
             "fix": None if fast else "LD_PRELOAD=... (fake)"}
 
 
@@ -119,20 +119,23 @@ def test_slow_cpu_blas_is_reported_with_the_fix(monkeypatch, name, told):
     if told:
         assert slow[0]["fix"] == fake["fix"] and name in slow[0]["what"]
     else:  # fast in this command: tell how a Python program gets the same
-        assert f"in Python programs: LD_PRELOAD={fake['system_openblas']} python" in text
+        assert f"in Python programs: LD_PRELOAD={fake['system_blas']} python" in text
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="MLX's CPU BLAS fix is for Linux")
 @pytest.mark.parametrize("system, setting, want", [
     ("/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0", "auto",
      "LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 python"),
-    (None, "auto", "apt-get install libopenblas0-pthread"),
+    ("/usr/lib/x86_64-linux-gnu/blis-pthread/libblis.so.4", "auto",
+     "BLIS_NUM_THREADS=2 LD_PRELOAD=/usr/lib/x86_64-linux-gnu/blis-pthread/libblis.so.4 python"),
+    (None, "auto", "apt-get install libblis4-pthread"),
     ("/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0", "off", "unset VIBEVOICE_MLX_BLAS"),
 ])
 def test_the_blas_fix_is_the_command_that_applies(monkeypatch, system, setting, want):
     monkeypatch.setattr(blas, "active_blas", lambda: {"name": "reference BLAS (bundled with mlx[cpu])",
                                                       "path": "/w/mlx_cpu.libs/libblas-1.so.3"})
-    monkeypatch.setattr(blas, "find_system_openblas", lambda: system)
+    monkeypatch.setattr(blas, "find_system_blas", lambda: system)
+    monkeypatch.setattr(blas.os, "sched_getaffinity", lambda pid: {0, 1})
     monkeypatch.setenv(blas.ENV, setting)
     report = blas.blas_report(measure=False)
     assert not report["fast"] and report["how"] == "bundled with mlx[cpu]"

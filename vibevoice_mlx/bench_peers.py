@@ -8,7 +8,7 @@
   `set_dtype(float32)`, `generate(...)` with its token choice forced to the speech-diffusion token.
 
 Each peer runs in a child process (`python -m vibevoice_mlx.bench_peers <peer> ...`) so that its peak memory is
-its own and its libraries do not meet ours (torch runs on its own BLAS; the child gets no OpenBLAS preload). The
+its own and its libraries do not meet ours (torch runs on its own BLAS; the child gets no BLAS preload). The
 child prints one JSON line; this module imports nothing heavy at the top, so it runs in a foreign environment.
 """
 
@@ -219,11 +219,13 @@ def check_peer_python(python: str) -> Optional[str]:
 def run_peer(peer: str, folder, settings: Dict, tokenizer=None, python: Optional[str] = None,
              timeout: Optional[float] = None) -> Dict:
     """Run one peer in a child process and return its figures (raises RuntimeError with its stderr tail)."""
+    from .blas import classify
+
     if peer not in PEERS:
         raise ValueError(f"unknown peer {peer!r}: choose one of {', '.join(PEERS)}")
     env = dict(os.environ)
-    # The child runs on its own libraries: no OpenBLAS preloaded into torch (mlx-audio loads it itself).
-    preload = [p for p in env.get("LD_PRELOAD", "").split(":") if p and "openblas" not in p]
+    # The child runs on its own libraries: no BLAS preloaded into torch (mlx-audio's child loads ours itself).
+    preload = [p for p in env.get("LD_PRELOAD", "").split(":") if p and classify(p) not in ("OpenBLAS", "BLIS")]
     env.pop("LD_PRELOAD", None)
     if preload:
         env["LD_PRELOAD"] = ":".join(preload)

@@ -27,7 +27,7 @@ def main(ctx, verbose, quiet):
     logging.getLogger().setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
     from .blas import maybe_reexec_with_fast_blas
 
-    maybe_reexec_with_fast_blas(sys.argv)  # Linux: the system's OpenBLAS instead of the wheel's reference BLAS
+    maybe_reexec_with_fast_blas(sys.argv)  # Linux: the system's BLIS or OpenBLAS, not the wheel's reference BLAS
     ctx.obj = {"quiet": quiet, "verbose": verbose}
 
 

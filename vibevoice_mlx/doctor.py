@@ -142,7 +142,7 @@ def _missing(plat: Dict, mlx: Dict, torch: Dict) -> List[Dict[str, str]]:
                     "fix": "pip install 'vibevoice-mlx[cuda]'"})
     b = mlx.get("blas")
     if plat["system"] == "Linux" and b and not b["fast"] and b.get("fix"):
-        # The mlx[cpu] wheel ships a reference BLAS (1.5 to 6 GFLOP/s here); OpenBLAS is 10-60x faster.
+        # The mlx[cpu] wheel ships a reference BLAS (1.5 to 6 GFLOP/s here); BLIS or OpenBLAS is 10-60x faster.
         out.append({"what": f"MLX's CPU matmuls run at {b['gflops']} GFLOP/s on the {b['name']}",
                     "fix": b["fix"]})
     for module, dist, requirement in _CORE:
