@@ -95,11 +95,12 @@ def test_auto_takes_a_threaded_blis_first_then_openblas():
 
 def test_blis_gets_every_core_unless_its_threads_are_set():
     lib = "/usr/lib/x86_64-linux-gnu/blis-pthread/libblis.so.4"
-    assert blas.thread_env(lib, {}, cores=16) == {"BLIS_NUM_THREADS": "16"}
+    assert blas.thread_env(lib, {}, cores=16) == {"BLIS_IC_NT": "16"}
     assert blas.thread_env(lib, {"BLIS_NUM_THREADS": "3"}, cores=16) == {}
+    assert blas.thread_env(lib, {"BLIS_JC_NT": "2"}, cores=16) == {}
     assert blas.thread_env(lib, {"OMP_NUM_THREADS": "4"}, cores=16) == {}  # BLIS reads it too
     assert blas.thread_env(OPENBLAS, {}, cores=16) == {}  # OpenBLAS takes every core by itself
-    assert blas.python_command(lib).startswith("BLIS_NUM_THREADS=")
+    assert blas.python_command(lib).startswith("BLIS_IC_NT=")
     assert blas.python_command(OPENBLAS) == f"LD_PRELOAD={OPENBLAS} python your_script.py"
 
 

@@ -127,7 +127,7 @@ def test_slow_cpu_blas_is_reported_with_the_fix(monkeypatch, name, told):
     ("/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0", "auto",
      "LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 python"),
     ("/usr/lib/x86_64-linux-gnu/blis-pthread/libblis.so.4", "auto",
-     "BLIS_NUM_THREADS=2 LD_PRELOAD=/usr/lib/x86_64-linux-gnu/blis-pthread/libblis.so.4 python"),
+     "BLIS_IC_NT=2 LD_PRELOAD=/usr/lib/x86_64-linux-gnu/blis-pthread/libblis.so.4 python"),
     (None, "auto", "apt-get install libblis4-pthread"),
     ("/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0", "off", "unset VIBEVOICE_MLX_BLAS"),
 ])

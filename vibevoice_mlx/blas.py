@@ -8,11 +8,11 @@ there before `import mlx.core` (LD_PRELOAD, or dlopen with RTLD_GLOBAL) runs eve
 (`scipy_cblas_sgemm`), so they cannot stand in: the library has to come from the system.
 
 Two system libraries serve: BLIS (threaded build) and OpenBLAS. `auto` takes BLIS first: a frame's matmuls have
-2 to 8 rows (the CFG pair, a batch), where BLIS's skinny-matrix kernels ran the 1.5B's language model and
-diffusion head 1.35x to 1.4x faster than OpenBLAS 0.3.21 on the test machine; OpenBLAS is faster on prompt-sized
-products (a 232-token prefill took 1.6x as long on BLIS), which a generation does once. BLIS runs one thread
-unless told, so the library gets `BLIS_NUM_THREADS` = the usable cores when neither it nor `OMP_NUM_THREADS` is
-set; a single-threaded (serial) BLIS build is passed over.
+2 to 8 rows (the CFG pair, a batch), where BLIS's skinny-matrix kernels ran a 1.5B frame 1.45x to 1.55x faster
+than OpenBLAS 0.3.21 on the test machine; OpenBLAS is 7 to 15 % faster on the prefill's prompt-sized products,
+which a generation runs once. BLIS runs one thread unless told, so when no BLIS or OpenMP thread setting is in the
+environment the library gets all usable cores on its IC loop (`BLIS_IC_NT`; see `thread_env`). Serial BLIS builds
+are passed over.
 
     VIBEVOICE_MLX_BLAS=auto (default) | blis | openblas | off | /path/to/libblas.so
 
@@ -22,6 +22,7 @@ calls `use_fast_blas()` before its first `import mlx`, or runs under `LD_PRELOAD
 
 import ctypes
 import logging
+import math
 import os
 import platform
 import sys
@@ -35,7 +36,8 @@ ENV = "VIBEVOICE_MLX_BLAS"
 # Set in a re-executed process (to the library it preloads): a process that has it never re-executes again.
 GUARD_ENV = "VIBEVOICE_MLX_BLAS_REEXEC"
 APT_PACKAGE = "libblis4-pthread"  # Debian, Ubuntu; libopenblas0-pthread serves too
-BLIS_THREADS_ENV = ("BLIS_NUM_THREADS", "OMP_NUM_THREADS")
+BLIS_THREADS_ENV = ("BLIS_NUM_THREADS", "OMP_NUM_THREADS", "BLIS_JC_NT", "BLIS_PC_NT", "BLIS_IC_NT", "BLIS_JR_NT",
+                    "BLIS_IR_NT")
 # Only for a BLAS that cannot be named: here the reference one ran at 1.5 to 6 GFLOP/s, OpenBLAS at 16 to 320.
 SLOW_BLAS_GFLOPS = 20.0
 
@@ -198,12 +200,14 @@ def _wanted_library(env: Mapping[str, str], find: Callable[[str], Optional[str]]
 
 
 def thread_env(library: str, env: Mapping[str, str], cores: Optional[int] = None) -> Dict[str, str]:
-    """What the environment needs for `library` to use every core: BLIS starts one thread unless
-    `BLIS_NUM_THREADS` or `OMP_NUM_THREADS` says more (OpenBLAS and MKL take all cores by themselves)."""
+    """What the environment needs for `library` to use every core: BLIS starts one thread unless one of
+    `BLIS_THREADS_ENV` says more (OpenBLAS and MKL take all cores by themselves). It gets them all on its IC loop:
+    on the test machine that split ran a frame's 2- and 8-row products faster than BLIS's own split of
+    `BLIS_NUM_THREADS`, and the prefill's 232-row ones no slower."""
     if classify(library) != "BLIS" or any(env.get(k) for k in BLIS_THREADS_ENV):
         return {}
     cores = cores or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-    return {"BLIS_NUM_THREADS": str(cores or 1)}
+    return {"BLIS_IC_NT": str(cores or 1)}
 
 
 @dataclass
@@ -270,7 +274,8 @@ def use_fast_blas(library: Optional[str] = None) -> Optional[str]:
     lib = ctypes.CDLL(library, mode=os.RTLD_GLOBAL)  # promotes the locally opened library to the global scope
     threads = thread_env(library, os.environ)
     if threads:  # BLIS read its environment when first opened (by the checks above): set the count directly
-        lib.bli_thread_set_num_threads(ctypes.c_long(int(threads["BLIS_NUM_THREADS"])))
+        ways = [1, 1, int(threads["BLIS_IC_NT"]), 1, 1]  # jc, pc, ic, jr, ir
+        lib.bli_thread_set_ways(*map(ctypes.c_long, ways))
     _loaded = global_cblas_provider() or library  # the path as the dynamic linker names it
     logger.debug("MLX's BLAS: %s, loaded into the global scope", library)
     return library
@@ -333,7 +338,10 @@ def library_config(path: str) -> Optional[str]:
             lib.openblas_get_config.restype = ctypes.c_char_p
             return lib.openblas_get_config().decode()
         lib.bli_info_get_version_str.restype = ctypes.c_char_p
-        return f"BLIS {lib.bli_info_get_version_str().decode()} {lib.bli_thread_get_num_threads()} threads"
+        threads = lib.bli_thread_get_num_threads()  # -1 when the work is split by loop (BLIS_IC_NT and so on)
+        if threads < 1:
+            threads = math.prod(getattr(lib, f"bli_thread_get_{loop}_nt")() for loop in ("jc", "pc", "ic", "jr", "ir"))
+        return f"BLIS {lib.bli_info_get_version_str().decode()} {threads} threads"
     except (OSError, AttributeError):
         return None
 
