@@ -141,6 +141,7 @@ def test_plan(argv, env, system, mlx_loaded, active, library, action, reason):
 
 @pytest.mark.parametrize("setting, want", [(None, "/found-auto"), ("auto", "/found-auto"), ("off", "/found-auto"),
                                            ("blis", "/found-blis"), ("openblas", "/found-openblas"),
+                                           ("BLIS", "/found-blis"), (" OpenBLAS ", "/found-openblas"),
                                            ("/opt/libopenblas.so.0", "/opt/libopenblas.so.0")])
 def test_the_setting_names_the_library(setting, want):
     env = {} if setting is None else {blas.ENV: setting}
@@ -162,6 +163,17 @@ def test_check_library_rejects_what_mlx_cannot_call():
         assert "no cblas_sgemm" in blas.check_library(numpy_blas[0])
     for system in filter(None, [SYSTEM_OPENBLAS, SYSTEM_BLIS]):
         assert blas.check_library(system) is None
+
+
+@linux_only
+def test_a_setting_that_names_no_library_is_refused_with_the_choices():
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", blas.GUARD_ENV)}
+    out = subprocess.run([sys.executable, "-c", "from vibevoice_mlx import blas; print(blas.use_fast_blas())"],
+                         env={**env, blas.ENV: "openblass"}, capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).parents[1])
+    assert out.returncode == 0 and out.stdout.strip() == "None"
+    assert "Not using openblass for MLX: it cannot be loaded" in out.stderr
+    assert f"({blas.ENV} takes auto, blis, openblas, off or a library's path)" in out.stderr
 
 
 @linux_only

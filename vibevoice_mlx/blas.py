@@ -187,14 +187,18 @@ def find_system_blas(kind: str = "auto", blis: Optional[Sequence[str]] = None,
     return {"blis": found_blis, "openblas": found_openblas}.get(kind, found_blis or found_openblas)
 
 
+SETTINGS = ("auto", "blis", "openblas", "off")  # anything else names a library
+
+
 def _setting(env: Mapping[str, str]) -> str:
-    return env.get(ENV, "").strip() or "auto"
+    value = env.get(ENV, "").strip()
+    return value.lower() if value.lower() in SETTINGS else value or "auto"
 
 
 def _wanted_library(env: Mapping[str, str], find: Callable[[str], Optional[str]] = find_system_blas
                     ) -> Optional[str]:
     setting = _setting(env)
-    if setting in ("auto", "off", "blis", "openblas"):
+    if setting in SETTINGS:
         return find("auto" if setting == "off" else setting)
     return setting
 
@@ -269,7 +273,9 @@ def use_fast_blas(library: Optional[str] = None) -> Optional[str]:
         return None
     problem = check_library(library)
     if problem:
-        logger.warning("Not using %s for MLX: it %s", library, problem)
+        named = library == _setting(os.environ)  # the user's own setting, perhaps a typo
+        logger.warning("Not using %s for MLX: it %s%s", library, problem,
+                       f" ({ENV} takes {', '.join(SETTINGS)} or a library's path)" if named else "")
         return None
     lib = ctypes.CDLL(library, mode=os.RTLD_GLOBAL)  # promotes the locally opened library to the global scope
     threads = thread_env(library, os.environ)
