@@ -20,9 +20,10 @@ class NumericsError(UserError):
         super().__init__(f"{what}: {fix}.")
 
 
-class Interrupted(Exception):
+class Interrupted(BaseException):
     """Ctrl-C or SIGTERM during a run (raised by the command's signal handler); carries the exit status the shell
-    expects (128 + signal)."""
+    expects (128 + signal). A BaseException, as KeyboardInterrupt is: the handler raises it wherever the main
+    thread is, and an `except Exception` there (in this package or a library) must not swallow it."""
 
     def __init__(self, signum: int):
         import signal

@@ -137,8 +137,12 @@ def _say(text, file, model, voices, save_voices, out, force, play, quiet, option
     player = _player() if play and not run["dry_run"] else None
     try:
         with _signals_interrupt():
-            loaded = _load_checked(model, backend, device, dtype, attention, tokenizer, script, speakers,
-                                   voice_inputs, force, run)
+            try:
+                loaded = _load_checked(model, backend, device, dtype, attention, tokenizer, script, speakers,
+                                       voice_inputs, force, run)
+            except Interrupted as e:
+                click.echo(f"Interrupted ({e}) while loading the model; nothing was written.", err=True)
+                return e.status
             if loaded is None:  # --dry-run: the plan is printed, nothing loaded
                 return 0
             pipe, parts = loaded
