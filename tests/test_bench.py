@@ -110,6 +110,16 @@ def test_bad_arguments_are_one_line_errors(tiny):
     assert r.exit_code != 0 and "comma-separated" in r.output
 
 
+def test_a_missing_model_is_refused_before_anything_is_measured(tmp_path, monkeypatch):
+    def measured():
+        raise AssertionError("the bandwidth was measured before the model folder was checked")
+
+    monkeypatch.setattr(bench_report, "read_bandwidth", measured)
+    r = CliRunner().invoke(main, ["bench", "--model", str(tmp_path / "nope")])
+    assert r.exit_code == 1 and r.output.strip().splitlines() == [
+        f"Error: No such folder: {tmp_path / 'nope'} (and it is not a Hugging Face repo id like 'owner/name')."], r.output
+
+
 def test_a_peer_python_that_cannot_run_mlx_audio_is_refused_before_any_timing(tiny, tmp_path):
     from vibevoice_mlx.bench_peers import check_peer_python
 

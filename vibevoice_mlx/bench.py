@@ -329,12 +329,14 @@ def run_bench(model=None, random_size: Optional[str] = None, tokenizer=None, bac
         s = replace(s, force_frames=True)
     if model is None:
         raise UserError("Give --model <folder> or --random-weights 1.5b|7b.")
+    from .loader import resolve_folder
+
+    folder = resolve_folder(model)  # a wrong path or repo id is refused before anything is measured
     if torch_model is None and "torch" in compare:
         from .checkpoint import read_checkpoint
         from .keys import TRANSFORMERS
-        from .loader import resolve_folder
 
-        if read_checkpoint(resolve_folder(model)).layout == TRANSFORMERS:
+        if read_checkpoint(folder).layout == TRANSFORMERS:
             torch_model = model  # transformers reads this folder as it is
     doc = {"machine": report.machine(), "blas": describe(), "model": str(model),
            "random_weights": random_size, "settings": asdict(s), "systems": []}
