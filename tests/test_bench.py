@@ -116,8 +116,8 @@ def test_a_missing_model_is_refused_before_anything_is_measured(tmp_path, monkey
 
     monkeypatch.setattr(bench_report, "read_bandwidth", measured)
     r = CliRunner().invoke(main, ["bench", "--model", str(tmp_path / "nope")])
-    assert r.exit_code == 1 and r.output.strip().splitlines() == [
-        f"Error: No such folder: {tmp_path / 'nope'} (and it is not a Hugging Face repo id like 'owner/name')."], r.output
+    want = f"Error: No such folder: {tmp_path / 'nope'} (and it is not a Hugging Face repo id like 'owner/name')."
+    assert r.exit_code == 1 and r.output.strip().splitlines() == [want], r.output
 
 
 def test_a_peer_python_that_cannot_run_mlx_audio_is_refused_before_any_timing(tiny, tmp_path):
