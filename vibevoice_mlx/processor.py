@@ -7,6 +7,7 @@ clips into latents is the model's job.
 
 import logging
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -88,6 +89,13 @@ _NEAR_LABEL_RE = re.compile(r"^(speaker\s*\d+\s*[:\-.,]?|speaker\d+|\[\s*\d+\s*\
 MAX_PAUSE_SECONDS = 60.0  # one tag's silence; a typo like [pause:99999s] must not allocate gigabytes
 
 
+def has_text(text: str) -> bool:
+    """Whether `text` holds anything to speak: a letter, digit, mark of punctuation or symbol. Whitespace, format
+    characters (zero-width space and joiners, bidi marks, soft hyphen), controls and lone combining marks are
+    not: `str.strip` keeps the zero-width ones, and the model would babble over a prompt of them."""
+    return any(unicodedata.category(c)[0] not in "ZCM" for c in text)
+
+
 def _split_pauses(text: str, line_no: int) -> List[Union[str, Pause]]:
     """Split one line into text pieces and Pause items; malformed pause tags raise, naming the tag."""
     out: List[Union[str, Pause]] = []
@@ -140,7 +148,7 @@ def parse_script(script: str) -> List[ScriptItem]:
             items.append(piece)
             current, joinable = None, False
             continue
-        if not piece:
+        if not has_text(piece):
             continue
         m = _SPEAKER_RE.match(piece) or _BRACKET_RE.match(piece)
         if m:
@@ -165,7 +173,7 @@ def parse_script(script: str) -> List[ScriptItem]:
 
     # A labelled turn left empty (e.g. "Speaker 1:" followed by a pause) has nothing to say.
     for seg in (s for s in items if isinstance(s, Segment)):
-        seg.lines = [(s, t) for s, t in seg.lines if t.strip()]
+        seg.lines = [(s, t) for s, t in seg.lines if has_text(t)]
     items = [it for it in items if not (isinstance(it, Segment) and not it.lines)]
     ids = [s for seg in items if isinstance(seg, Segment) for s, _ in seg.lines]
     if not ids:
