@@ -23,7 +23,7 @@ from .. import __version__
 from .. import hub
 from ..checkpoint import check_weights, detect_layout, load_config, normalize_config, read_weights
 from ..constants import DEFAULT_CFG_SCALE, DEFAULT_STEPS, DTYPE_NAMES, GENERATION_CONFIG, TOKEN_STRINGS, mlx_dtype
-from ..errors import UserError
+from ..errors import UserError, exists_message
 from ..keys import to_original
 from ..model import Model, ModelConfig
 from .dtypes import RangeStats, cast
@@ -286,7 +286,7 @@ def _write_json(path: Path, obj) -> None:
 def _check_target(target: Path, source: Optional[Path], force: bool) -> None:
     if target.exists():
         if not force:
-            raise ConversionError(f"{target} already exists: choose another --mlx-path or pass --force to replace it.")
+            raise ConversionError(exists_message(target, "--mlx-path"))
         src = source.resolve() if source is not None else None
         if src is not None and (src == target.resolve() or target.resolve() in src.parents):
             raise ConversionError(f"--mlx-path {target} holds the source checkpoint: --force would delete it.")

@@ -36,6 +36,11 @@ class OutputExistsError(UserError, FileExistsError):
     """An output that would overwrite a file (pass --force / force=True)."""
 
 
+def exists_message(path, other: str = "name") -> str:
+    """The one wording of "this output is already there" (output files, saved voices, converted folders)."""
+    return f"{path} already exists: choose another {other} or pass --force (force=True) to replace it."
+
+
 class MissingPathError(UserError, FileNotFoundError):
     """An input or output path that does not exist."""
 

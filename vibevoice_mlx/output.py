@@ -18,7 +18,7 @@ import numpy as np
 import soundfile as sf
 
 from .constants import SAMPLE_RATE
-from .errors import MissingPathError, OutputExistsError, UserError
+from .errors import MissingPathError, OutputExistsError, UserError, exists_message
 
 try:
     import fcntl
@@ -35,6 +35,7 @@ FORMATS = {
     ".flac": ("FLAC", "PCM_16"),
     ".ogg": ("OGG", "VORBIS"),
     ".mp3": ("MP3", "MPEG_LAYER_III"),
+    ".opus": ("OGG", "OPUS"),  # what the server sends as opus; Ogg Opus at 24 kHz
 }
 
 # sndfile.h: rewrite the header after every write, so the sizes always match the data written.
@@ -47,7 +48,11 @@ def output_format(path: Path) -> Tuple[str, str]:
     if ext not in FORMATS:
         raise UserError(f"Cannot write {path}: unknown audio format {ext or '(no extension)'!r}; "
                         f"use one of {', '.join(FORMATS)}.")
-    return FORMATS[ext]
+    major, subtype = FORMATS[ext]
+    if subtype not in sf.available_subtypes(major):
+        raise UserError(f"Cannot write {path}: this machine's libsndfile has no {ext[1:]} encoder; use .wav or "
+                        ".flac, or a newer libsndfile.")
+    return major, subtype
 
 
 def check_output_path(path: PathLike, force: bool = False, what: str = "output") -> Path:
@@ -56,8 +61,8 @@ def check_output_path(path: PathLike, force: bool = False, what: str = "output")
     path = Path(path)
     if path.is_dir():
         raise UserError(f"The {what} {path} is a folder: give a file name.")
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} already exists; pass --force (force=True) to overwrite it.")
+    if (path.exists() or path.is_symlink()) and not force:  # a dangling link is still something there
+        raise OutputExistsError(exists_message(path))
     folder = path.parent
     if not folder.is_dir():
         raise MissingPathError(f"Cannot write {path}: folder {folder} does not exist.")

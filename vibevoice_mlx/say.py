@@ -65,7 +65,7 @@ def _signals_interrupt():
 @click.option("--save-voice", "save_voices", multiple=True, type=click.Path(dir_okay=False),
               help="Save the encoded latents of the --voice at the same position (a .safetensors file).")
 @click.option("-o", "--output", default="output.wav", show_default=True, type=click.Path(dir_okay=False),
-              help="Output file; the format follows the extension (wav, flac, ogg, mp3).")
+              help="Output file; the format follows the extension (wav, flac, ogg, mp3, opus).")
 @click.option("--steps", type=click.IntRange(1, 100), help="Diffusion steps (default: the model's, else 10).")
 @click.option("--cfg-scale", type=click.FloatRange(0, 100), help="Classifier-free guidance scale (default: the "
               "model's, else 1.3).")
@@ -75,7 +75,7 @@ def _signals_interrupt():
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
 @click.option("--max-seconds", type=click.FloatRange(0, 24 * 3600, min_open=True), help="Stop after this much audio.")
 @click.option("--backend", default="mlx", show_default=True, type=click.Choice(["mlx", "torch"]))
-@click.option("--device", default="auto", show_default=True, help="torch backend: auto, mps, cuda or cpu.")
+@click.option("--device", default="auto", show_default=True, help="torch backend only: auto, mps, cuda or cpu.")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]),
               help="Compute dtype (default: float16 on a GPU, float32 on the CPU).")
 @click.option("--attention", default="auto", show_default=True, type=click.Choice(["auto", "sdpa", "eager"]),
@@ -132,6 +132,11 @@ def _say(text, file, model, voices, save_voices, out, force, play, quiet, option
                         "give one voice per speaker, in speaker order, or none.")
     backend, device, dtype = options.pop("backend"), options.pop("device"), options.pop("dtype")
     attention, tokenizer = options.pop("attention"), options.pop("tokenizer")
+    torch_only = [f"--{name} {value}" for name, value in (("device", device), ("attention", attention))
+                  if value != "auto"]
+    if backend == "mlx" and torch_only:
+        raise UserError(f"{' and '.join(torch_only)}: only the torch backend has this option (MLX picks its own "
+                        "device and attention); add --backend torch, or leave it out.")
     generate_options = {k: v for k, v in options.items() if v is not None}
     GenerationConfig(**generate_options)  # every option checked now, not after loading
     player = _player() if play and not run["dry_run"] else None
@@ -192,7 +197,7 @@ def _saved_frames(path) -> int:
     return int(load_voice(path)[0].shape[0])
 
 
-def _save_voices(pipe, voices, voice_inputs, save_voices, force):
+def _save_voices(pipe, voices, voice_inputs, save_voices, force, quiet):
     """Encode the voices once, as the run does (one padded batch), save the asked ones, and return the latents
     the run then uses, so a saved voice holds exactly what this run used."""
     if not save_voices:
@@ -202,7 +207,8 @@ def _save_voices(pipe, voices, voice_inputs, save_voices, force):
     latents = encode_voices(pipe, voice_inputs)
     for i, target in enumerate(save_voices):
         save_voice(pipe, voice_inputs[i], target, force=force, latents=latents[i])
-        click.echo(f"Saved voice {voices[i]} -> {target}", err=True)
+        if not quiet:
+            click.echo(f"Saved voice {voices[i]} -> {target}", err=True)
     return latents
 
 
@@ -213,7 +219,7 @@ def _generate(pipe, script, out, voices, voice_inputs, save_voices, force, playe
     from . import generation as gen
     from .output import AudioWriter
 
-    voice_inputs = _save_voices(pipe, voices, voice_inputs, save_voices, force)
+    voice_inputs = _save_voices(pipe, voices, voice_inputs, save_voices, force, quiet)
     bar = tqdm(unit="frame", desc="Generating", dynamic_ncols=True, file=sys.stderr, disable=quiet or None)
     last, writer, status = None, None, 0
     try:
@@ -243,7 +249,7 @@ def _generate(pipe, script, out, voices, voice_inputs, save_voices, force, playe
         click.echo(f"Interrupted ({signal.Signals(status - 128).name}): kept the {writer.seconds:.2f} s made so far "
                    f"in {out}", err=True)
         return status
-    if last is not None:
+    if last is not None and not quiet:
         click.echo(f"Wrote {out}: {last.audio_seconds:.2f} s of audio in {last.elapsed:.1f} s "
                    f"({last.real_time_factor:.2f}x real time, peak memory {last.peak_memory_gb:.2f} GB)", err=True)
     return 0
@@ -257,7 +263,7 @@ def _generate_parts(pipe, parts, script, out, voices, voice_inputs, save_voices,
 
     from .longrun import speak_parts
 
-    voice_inputs = _save_voices(pipe, voices, voice_inputs, save_voices, force)
+    voice_inputs = _save_voices(pipe, voices, voice_inputs, save_voices, force, quiet)
     bar = tqdm(unit="frame", desc="Generating", dynamic_ncols=True, file=sys.stderr, disable=quiet or None)
     start = time.perf_counter()
     try:
@@ -272,8 +278,9 @@ def _generate_parts(pipe, parts, script, out, voices, voice_inputs, save_voices,
         raise UserError("The model produced no audio for this script (see the warnings above); nothing was "
                         "written. Try another --seed, a voice sample, or rephrase the script.")
     elapsed = time.perf_counter() - start
-    click.echo(f"Wrote {out}: {seconds:.2f} s of audio in {len(parts)} parts, {elapsed:.1f} s "
-               f"({seconds / elapsed if elapsed else 0:.2f}x real time)", err=True)
+    if not quiet:
+        click.echo(f"Wrote {out}: {seconds:.2f} s of audio in {len(parts)} parts, {elapsed:.1f} s "
+                   f"({seconds / elapsed if elapsed else 0:.2f}x real time)", err=True)
     return 0
 
 
