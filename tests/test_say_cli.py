@@ -95,3 +95,63 @@ def voices(tmp_path_factory):
     sf.write(short, 0.2 * rng.standard_normal(12000).astype(np.float32), 24000)  # 0.5 s: warned about
     sf.write(long, 0.2 * rng.standard_normal(48000).astype(np.float32), 24000)
     return short, long
+
+
+def test_stdin_script_to_stdout_wav(tiny, forced, tmp_path, monkeypatch):
+    real = generation.greedy
+
+    def chatty(logits, ids):
+        print("a stray print")  # a library printing mid-run must not corrupt the audio on stdout
+        return real(logits, ids)
+
+    monkeypatch.setattr(generation, "greedy", chatty)
+    r = say(tiny, "--file", "-", "-o", "-", "--seed", 3, input="Speaker 1: Hello.\n")
+    assert r.exit_code == 0, r.stderr
+    data = r.stdout_bytes
+    assert data[:4] == b"RIFF" and len(data) == 44 + K * 16 * 2
+    audio, sr = sf.read(io.BytesIO(data), dtype="int16")
+    assert sr == 24000 and len(audio) == K * 16 and np.abs(audio).max() > 0
+    assert "a stray print" in r.stderr and "Wrote stdout" in r.stderr
+    monkeypatch.setattr(generation, "greedy", real)
+    r = say(tiny, "Speaker 1: Hello.", "-o", tmp_path / "same.wav", "--seed", 3)
+    assert r.exit_code == 0, r.output
+    # the same audio as a file run; the server's encoder scales to int16 by 32767, libsndfile by 32768
+    np.testing.assert_allclose(sf.read(tmp_path / "same.wav", dtype="int16")[0], audio, atol=2)
+
+
+def test_stdin_script_is_decoded_as_a_file_is(tiny, forced):
+    r = say(tiny, "--file", "-", "-o", "-", input="\ufeffSpeaker 1: Caf\u00e9.".encode("utf-16"))
+    assert r.exit_code == 0, r.stderr
+    assert len(r.stdout_bytes) == 44 + K * 16 * 2
+    r = say(tiny, "--file", "-", "-o", "-", input=b"Speaker 1: \x00\x00")
+    assert r.exit_code == 1 and "Error: stdin holds NUL bytes" in r.stderr and r.stdout_bytes == b""
+
+
+def test_stdout_gets_nothing_when_the_run_fails(tiny, monkeypatch):
+    monkeypatch.setattr(generation, "greedy", lambda logits, ids: ids[3])  # eos at once: no audio
+    r = say(tiny, "Speaker 1: Hello.", "-o", "-")
+    assert r.exit_code == 1 and "no audio" in r.stderr and r.stdout_bytes == b""
+    r = say(tiny, "Speaker 1: Hello. Bye now.", "-o", "-", "--chunk", "2w")
+    assert r.exit_code == 1 and "stdout" in r.stderr and r.stdout_bytes == b""
+
+
+PIPE_RUN = """
+import sys
+from vibevoice_mlx import generation, cli
+generation.greedy = lambda logits, ids: ids[2]  # speech frames until --max-seconds
+sys.argv = ["vibevoice-mlx", "say", "--file", "-", "-o", "-", "--model", sys.argv[1], "--tokenizer", sys.argv[2],
+            "--max-seconds", str(5 * 16 / 24000)]
+cli.main()
+"""
+
+
+def test_a_real_pipe_carries_only_the_audio(tiny):
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", PIPE_RUN, str(tiny["original"]), str(tiny["tokenizer"])],
+                       input=b"Speaker 1: Hello.", capture_output=True, timeout=300)
+    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    audio, sr = sf.read(io.BytesIO(p.stdout), dtype="float32")
+    assert sr == 24000 and len(audio) == 5 * 16
+    assert b"Wrote stdout" in p.stderr and b"No voice given" in p.stderr

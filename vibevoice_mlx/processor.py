@@ -206,6 +206,12 @@ def read_script_file(path) -> str:
         raise UserError(f"{path} is a folder, not a script file.") from None
     except OSError as e:
         raise UserError(f"Cannot read the script file {path}: {e.strerror}.") from None
+    return decode_script(data, path)
+
+
+def decode_script(data: bytes, path="stdin") -> str:
+    """The bytes of a script (a file's, or stdin's for `--file -`) as text, by the rules of `read_script_file`;
+    `path` names them in messages."""
     for bom, encoding in _BOMS:
         if data.startswith(bom):
             try:

@@ -12,7 +12,7 @@ import math
 import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext, redirect_stdout
 from pathlib import Path
 
 import click
@@ -23,15 +23,53 @@ logger = logging.getLogger(__name__)
 
 
 def _read_script(text, file):
-    from .processor import read_script_file
+    from .processor import decode_script, read_script_file
 
     if file is not None and text:
         raise CLIError("Give the script as an argument or with --file, not both.")
+    if file == "-":
+        return decode_script(sys.stdin.buffer.read(), "stdin")
     if file is not None:
         return read_script_file(file)
     if text:
         return text
     raise CLIError("No script: give the text as an argument or --file script.txt.")
+
+
+class _StdoutWriter:
+    """`-o -`: the audio as one 16-bit WAV streamed to stdout as it is made, through the server's encoder (the
+    header gives the sizes as unknown, as a streamed WAV does). Nothing made, nothing sent."""
+
+    def __init__(self):
+        self._stream = sys.stdout.buffer  # taken before stdout is pointed at stderr for the run
+        if self._stream.isatty():
+            raise UserError("-o - writes WAV audio to stdout, which is a terminal here: pipe it (-o - | ffplay -) "
+                            "or redirect it (-o - > out.wav).")
+        from .server.encode import WavEncoder
+
+        self._encoder = WavEncoder()
+        self.frames = 0
+
+    @property
+    def seconds(self) -> float:
+        return self.frames / self._encoder.sample_rate
+
+    def write(self, audio) -> None:
+        try:
+            self._stream.write(self._encoder.write(audio.reshape(-1)))
+            self._stream.flush()
+        except BrokenPipeError:  # the reader went away (`| head`): the end of the run, as SIGPIPE would be
+            raise Interrupted(signal.SIGPIPE) from None
+        self.frames += audio.size
+
+    def __str__(self) -> str:
+        return "stdout"
+
+    def __enter__(self) -> "_StdoutWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
 
 
 @contextmanager
@@ -57,15 +95,18 @@ def _signals_interrupt():
 
 @click.command()
 @click.argument("text", required=False)
-@click.option("-f", "--file", type=click.Path(dir_okay=False), help="Read the script from a text file.")
+@click.option("-f", "--file", type=click.Path(dir_okay=False, allow_dash=True),
+              help="Read the script from a text file (-: from stdin).")
 @click.option("-m", "--model", default="microsoft/VibeVoice-1.5B", show_default=True,
               help="Converted MLX folder, PyTorch checkpoint folder, or Hugging Face repo id.")
 @click.option("--voice", "voices", multiple=True,
               help="Voice sample (any audio file) or saved voice (.safetensors), one per speaker in speaker order.")
 @click.option("--save-voice", "save_voices", multiple=True, type=click.Path(dir_okay=False),
               help="Save the encoded latents of the --voice at the same position (a .safetensors file).")
-@click.option("-o", "--output", default="output.wav", show_default=True, type=click.Path(dir_okay=False),
-              help="Output file; the format follows the extension (wav, flac, ogg, mp3, opus).")
+@click.option("-o", "--output", default="output.wav", show_default=True,
+              type=click.Path(dir_okay=False, allow_dash=True),
+              help="Output file; the format follows the extension (wav, flac, ogg, mp3, opus). -: a WAV stream on "
+                   "stdout.")
 @click.option("--steps", type=click.IntRange(1, 100), help="Diffusion steps (default: the model's, else 10).")
 @click.option("--cfg-scale", type=click.FloatRange(0, 100), help="Classifier-free guidance scale (default: the "
               "model's, else 1.3).")
@@ -113,9 +154,13 @@ def _say(text, file, model, voices, save_voices, out, force, play, quiet, option
     items = parse_script(script)
     speakers = script_speakers(items)
     parse_chunk(run["chunk"])
-    if not run["dry_run"]:
-        check_output_path(out, force)
-    output_format(out)
+    run["stdout"] = str(out) == "-"
+    if run["stdout"] and not run["dry_run"]:
+        out = _StdoutWriter()
+    elif not run["stdout"]:
+        if not run["dry_run"]:
+            check_output_path(out, force)
+        output_format(out)
     if len(save_voices) > len(voices):
         raise UserError(f"{len(save_voices)} --save-voice paths for {len(voices)} --voice files: give one per voice.")
     for i, target in enumerate(save_voices):
@@ -141,7 +186,8 @@ def _say(text, file, model, voices, save_voices, out, force, play, quiet, option
     GenerationConfig(**generate_options)  # every option checked now, not after loading
     player = _player() if play and not run["dry_run"] else None
     try:
-        with _signals_interrupt():
+        # with -o -, stdout holds the audio alone: anything printed goes to stderr
+        with _signals_interrupt(), redirect_stdout(sys.stderr) if run["stdout"] else nullcontext():
             try:
                 loaded = _load_checked(model, backend, device, dtype, attention, tokenizer, script, speakers,
                                        voice_inputs, force, run)
@@ -181,6 +227,9 @@ def _load_checked(model, backend, device, dtype, attention, tokenizer, script, s
     if run["dry_run"]:
         click.echo(describe(parts))
         return None
+    if len(parts) > 1 and run["stdout"]:
+        raise UserError(f"This script is spoken in {len(parts)} parts, kept as files to resume from: write it to a "
+                        "file (-o out.wav) instead of stdout, or give a shorter script.")
     if len(parts) > 1:
         logger.warning("The script does not fit the model in one go: it is spoken in %d parts (see --dry-run; "
                        "--chunk off to refuse instead).", len(parts))
@@ -223,7 +272,8 @@ def _generate(pipe, script, out, voices, voice_inputs, save_voices, force, playe
     bar = tqdm(unit="frame", desc="Generating", dynamic_ncols=True, file=sys.stderr, disable=quiet or None)
     last, writer, status = None, None, 0
     try:
-        with logging_redirect_tqdm(), AudioWriter(out, force=force) as writer:
+        with logging_redirect_tqdm(), (out if isinstance(out, _StdoutWriter) else AudioWriter(out, force=force)) \
+                as writer:
             for r in gen.stream_generate(pipe, script, voice_inputs, **options):
                 if r.audio.size:
                     writer.write(r.audio)
