@@ -155,3 +155,38 @@ def test_a_real_pipe_carries_only_the_audio(tiny):
     audio, sr = sf.read(io.BytesIO(p.stdout), dtype="float32")
     assert sr == 24000 and len(audio) == 5 * 16
     assert b"Wrote stdout" in p.stderr and b"No voice given" in p.stderr
+
+
+FIVE = "Speaker 1: One.\nSpeaker1: not a label.\nSpeaker 2: Two.\nSpeaker 3: Three.\nSpeaker 4: Four.\nSpeaker 5: Five."
+WARNINGS = ["looks like a speaker label", "The script has 5 speakers", "is only 0.50 s long", "No voice given"]
+
+
+def _said(caplog):
+    return {w: sum(w in m for m in caplog.messages) for w in WARNINGS}
+
+
+def test_each_warning_is_said_once(tiny, forced, tmp_path, voices, caplog):
+    five = [a for v in [voices[0]] + [voices[1]] * 4 for a in ("--voice", v)]
+    r = say(tiny, FIVE, "-o", tmp_path / "one.wav", *five)
+    assert r.exit_code == 0, r.output
+    assert _said(caplog) == dict.fromkeys(WARNINGS[:3], 1) | {"No voice given": 0}
+    caplog.clear()
+    r = say(tiny, FIVE, "-o", tmp_path / "parts.wav", "--chunk", "8w")  # two parts or more, no voice
+    assert r.exit_code == 0, r.output
+    assert " parts, " in r.output  # split: each part a run of its own
+    assert _said(caplog) == dict.fromkeys(WARNINGS, 1) | {"is only 0.50 s long": 0}
+
+
+def test_the_library_warns_on_every_call_and_a_command_run_once(caplog):
+    from vibevoice_mlx.notices import once_per_run
+    from vibevoice_mlx.processor import parse_script
+
+    parse_script(FIVE)
+    parse_script(FIVE)
+    assert sum("looks like a speaker label" in m for m in caplog.messages) == 2
+    caplog.clear()
+    with once_per_run():
+        parse_script(FIVE)
+        parse_script(FIVE)
+    parse_script(FIVE)  # a new run (the block ended) is told again
+    assert sum("looks like a speaker label" in m for m in caplog.messages) == 2

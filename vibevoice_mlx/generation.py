@@ -20,6 +20,7 @@ import numpy as np
 from .backend import NEXT, TRUNCATED, FrameSettings, Sampler, SegmentJob, greedy
 from .constants import DEFAULT_CFG_SCALE, DEFAULT_STEPS, SAMPLE_RATE
 from .errors import UserError
+from .notices import warn_once
 from .preflight import check_context
 from .processor import Pause, build_prompt, parse_script, script_speakers
 from .voices import prepare_voices
@@ -167,7 +168,7 @@ class ScriptRun:
         self.speakers = script_speakers(self.items)
         voice_arrays = prepare_voices(pipe, voices, len(self.speakers))
         if not voice_arrays:
-            logger.warning("No voice given: the model picks the voices itself.")
+            warn_once(logger, "No voice given: the model picks the voices itself.")  # once, not once a part
         seed = config.seed if config.seed is not None else int(time.time() * 1e6) % (2**31)
         key, voice_key, noise_key, sample_key = mx.random.split(mx.random.key(seed), 4)
         self.voices = pipe.backend.encode_voices(voice_arrays, config.voice_noise, voice_key)

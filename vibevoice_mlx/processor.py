@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from .constants import CONTROL_ROLES, SAMPLE_RATE, TOKEN_STRINGS
 from .errors import UserError
+from .notices import warn_once
 
 logger = logging.getLogger(__name__)
 
@@ -159,8 +160,8 @@ def parse_script(script: str) -> List[ScriptItem]:
         else:
             text, new_turn = piece, not joinable
             if _NEAR_LABEL_RE.match(piece):
-                logger.warning("Line %d looks like a speaker label but is not one: %r is read aloud. Write it as "
-                               "'Speaker N: text' or '[N]: text'.", line_no, piece[:40])
+                warn_once(logger, "Line %d looks like a speaker label but is not one: %r is read aloud. Write it "
+                          "as 'Speaker N: text' or '[N]: text'.", line_no, piece[:40])
         if current is None:
             current = Segment()
             items.append(current)
@@ -182,7 +183,8 @@ def parse_script(script: str) -> List[ScriptItem]:
         for seg in (s for s in items if isinstance(s, Segment)):
             seg.lines = [(s - 1, t) for s, t in seg.lines]
     if len(set(ids)) > 4:
-        logger.warning("The script has %d speakers; VibeVoice was trained with up to 4.", len(set(ids)))
+        warn_once(logger, "The script has %d speakers; VibeVoice was trained with up to 4.", len(set(ids)),
+                  key="speakers")  # a part of a split script counts its own
     return items
 
 
@@ -288,8 +290,8 @@ def build_prompt(tokenizer, lines: Sequence[Tuple[int, str]], voice_frames: Opti
     voices = voices[:num_speakers]
     if voices and lines and max(s for s, _ in lines) >= len(voices):
         # The original allows this (voices are labelled 0..S-1 whatever the ids); say so, since it is likely a typo.
-        logger.warning("Speaker ids %s do not all have a voice: voices are labelled Speaker 0..%d in the order "
-                       "given.", sorted({s for s, _ in lines}), len(voices) - 1)
+        warn_once(logger, "Speaker ids %s do not all have a voice: voices are labelled Speaker 0..%d in the order "
+                  "given.", sorted({s for s, _ in lines}), len(voices) - 1, key="ids without a voice")
 
     ids: List[int] = []
     mask: List[bool] = []

@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 
 from .errors import CLIError, Interrupted, UserError, user_errors
+from .notices import once_per_run
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ def say(ctx, text, file, model, voices, save_voices, output, force, play, chunk,
     """Speak TEXT (or --file) into an audio file, writing it as the audio is produced."""
     quiet = bool((ctx.find_root().obj or {}).get("quiet"))
     run = {"chunk": chunk, "dry_run": dry_run, "resume": not no_resume}
-    with user_errors():
+    with user_errors(), once_per_run():  # checked here, then read again by generation: warned about once
         status = _say(text, file, model, list(voices), list(save_voices), Path(output), force, play, quiet, options,
                       run)
     if status:

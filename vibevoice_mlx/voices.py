@@ -14,6 +14,7 @@ import numpy as np
 from .audio import check_saved_voice_path, load_audio, load_voice, normalize_voice, save_voice as write_voice
 from .constants import SAMPLE_RATE
 from .errors import MissingPathError, UserError
+from .notices import warn_once
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,8 @@ def read_voice(voice, index: int = 0, vae_dim: Optional[int] = None, hop: Option
         raise UserError(f"{name} is silent: a voice sample needs someone speaking (3 to 30 s clone best).")
     seconds = len(audio) / SAMPLE_RATE
     if seconds < MIN_VOICE_SECONDS:
-        logger.warning("%s is only %.2f s long; voices clone best from 3 to 30 s of clear speech.", name, seconds)
+        warn_once(logger, "%s is only %.2f s long; voices clone best from 3 to 30 s of clear speech.", name, seconds,
+                  key=("short voice", len(audio)))  # read from its file, then as an array
     return normalize_voice(audio) if normalize else audio
 
 
