@@ -135,6 +135,11 @@ def test_stdout_gets_nothing_when_the_run_fails(tiny, monkeypatch):
     assert r.exit_code == 1 and "stdout" in r.stderr and r.stdout_bytes == b""
 
 
+def test_dry_run_to_stdout_prints_the_plan_there(tiny):
+    r = say(tiny, "Speaker 1: Hello.", "-o", "-", "--dry-run")
+    assert r.exit_code == 0 and "1 part(s)" in r.stdout, r.output
+
+
 PIPE_RUN = """
 import sys
 from vibevoice_mlx import generation, cli

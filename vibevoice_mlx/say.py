@@ -188,7 +188,7 @@ def _say(text, file, model, voices, save_voices, out, force, play, quiet, option
     player = _player() if play and not run["dry_run"] else None
     try:
         # with -o -, stdout holds the audio alone: anything printed goes to stderr
-        with _signals_interrupt(), redirect_stdout(sys.stderr) if run["stdout"] else nullcontext():
+        with _signals_interrupt(), redirect_stdout(sys.stderr) if isinstance(out, _StdoutWriter) else nullcontext():
             try:
                 loaded = _load_checked(model, backend, device, dtype, attention, tokenizer, script, speakers,
                                        voice_inputs, force, run)
