@@ -139,7 +139,7 @@ def _speaker_at(part: Part, seconds: float) -> int:
     for item in parse_script(part.text):
         if isinstance(item, Segment):
             for s, text in item.lines:
-                last = part.speakers[s] if s < len(part.speakers) else s
+                last = part.script_speaker(s)
                 elapsed += estimate_seconds(text)
                 if elapsed >= seconds:
                     return last
