@@ -227,3 +227,26 @@ def test_a_changed_seed_on_resume_is_said(tmp_path, caplog):
     caplog.clear()
     PartStore(out, dict(key, seed=6, model={"folder": "other"}), resume=True)
     assert any("different run (other model)" in m for m in caplog.messages), caplog.messages
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_a_piece_too_long_for_the_context_is_refused_before_loading(model_folder, tmp_path, monkeypatch, dry_run):
+    """Under the default --chunk auto, a word that cannot be cut and fills the context was called runnable by
+    --dry-run and failed only after the weights loaded, telling a user with no voice to shorten the voices."""
+    monkeypatch.setattr(loader, "build_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    r = CliRunner().invoke(main, ["say", "Speaker 1: Hello. " + "ab1" * 3000, "--model", str(model_folder), "-o",
+                                  str(tmp_path / "a.wav"), *(["--dry-run"] if dry_run else [])])
+    assert r.exit_code == 1 and "more than the model's context of 4096" in r.output, r.output
+    assert "longest word" in r.output and "voice samples" not in r.output, r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_context_error_names_voices_only_when_there_are_some():
+    from vibevoice_mlx.errors import UserError
+    from vibevoice_mlx.preflight import check_context
+
+    with pytest.raises(UserError, match="use shorter voice samples .* or split the script"):
+        check_context([10], 8, 3200, voices=True)
+    with pytest.raises(UserError, match="context of 8: split the script.$"):
+        check_context([10], 8, 3200, voices=False)
+    check_context([7], 8, 3200, voices=False)

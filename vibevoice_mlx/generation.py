@@ -209,7 +209,8 @@ class ScriptRun:
                 continue
             prompt = build_prompt(self.pipe.tokenizer, item.lines, self.frames_per_voice, self.pipe.tokens,
                                   num_speakers=len(self.speakers))
-            check_context([len(prompt.input_ids)], self.pipe.config.max_positions, self.pipe.hop_length)
+            check_context([len(prompt.input_ids)], self.pipe.config.max_positions, self.pipe.hop_length,
+                          voices=bool(self.frames_per_voice))
             budget = None if self.max_frames is None else self.max_frames - self.frames
             return SegmentJob(prompt, self.voices, self.sampler, self.noise, budget, self.stop, self.seed)
         self.finish()

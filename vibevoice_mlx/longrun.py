@@ -54,19 +54,24 @@ def parse_chunk(value: Optional[str]) -> Tuple[bool, Optional[int], Optional[int
 
 def plan(tokenizer, tokens, config, script: str, voice_frames: Sequence[int], chunk: Optional[str]) -> List[Part]:
     """The parts `say` will generate, from the config and tokenizer alone (no weights)."""
+    from .preflight import check_context
+
     split, max_tokens, max_words = parse_chunk(chunk)
     counter = prompt_counter(tokenizer, tokens, voice_frames)
     if not split:
-        from .preflight import check_context
-
         items = parse_script(script)
         speakers = sorted({s for it in items if isinstance(it, Segment) for s, _ in it.lines})
         lengths = [counter(it.lines, tuple(range(len(speakers)))) for it in items if isinstance(it, Segment)]
-        check_context(lengths, config.max_positions, config.hop_length)
+        check_context(lengths, config.max_positions, config.hop_length, voices=bool(voice_frames))
         return [Part(script, tuple(speakers), tuple(range(len(speakers))), FITS, max(lengths),
                      estimate_seconds(script), len(script.split()))]
-    return split_script(script, counter, config.max_positions, max_tokens=max_tokens, max_words=max_words,
-                        frame_rate=SAMPLE_RATE / config.hop_length)
+    parts = split_script(script, counter, config.max_positions, max_tokens=max_tokens, max_words=max_words,
+                         frame_rate=SAMPLE_RATE / config.hop_length)
+    # A piece that cannot be cut and whose prompt alone fills the context cannot run at all: said now, not after
+    # the weights load (and --dry-run fails on it too).
+    check_context([p.tokens for p in parts], config.max_positions, config.hop_length, voices=bool(voice_frames),
+                  split=True)
+    return parts
 
 
 def describe(parts: Sequence[Part]) -> str:
