@@ -119,11 +119,15 @@ def test_per_script_max_seconds_and_options_are_checked(pipe):
         vv.generate_batch(pipe, SCRIPTS[:2], seed=[1, 2, 3])
 
 
-def test_a_full_disk_leaves_neither_the_audio_nor_its_sidecar(tmp_path, monkeypatch):
-    """The sidecar failed after the audio was in place: a WAV without its sidecar. Now both or neither."""
+@pytest.mark.parametrize("fails", ["audio", "sidecar"])
+def test_a_full_disk_leaves_neither_the_audio_nor_its_sidecar(tmp_path, monkeypatch, fails):
+    """The sidecar failed after the audio was in place: a WAV without its sidecar. Now both or neither, and the
+    message names the output, not a temporary file."""
     import errno
     import os
     from pathlib import Path
+
+    import soundfile as sf
 
     from vibevoice_mlx.batch_jobs import Job, write_outputs
     from vibevoice_mlx.output import DiskFullError
@@ -131,9 +135,9 @@ def test_a_full_disk_leaves_neither_the_audio_nor_its_sidecar(tmp_path, monkeypa
     def full(self, *args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(Path, "write_text", full)
+    monkeypatch.setattr(*((Path, "write_text") if fails == "sidecar" else (sf.SoundFile, "write")), full)
     job = Job("a", 1, "a.wav", 0, script="Speaker 1: hi", settings={"seed": 0})
-    with pytest.raises(DiskFullError, match="No space left on device while writing .*a.wav.json"):
+    with pytest.raises(DiskFullError, match="No space left on device while writing .*a.wav$"):
         write_outputs(tmp_path, job, np.zeros(160, np.float32), 24000, {})
     assert list(tmp_path.iterdir()) == []
 

@@ -225,8 +225,8 @@ def write_outputs(out_dir: Path, job: Job, audio, sample_rate: int, record: Dict
                "worker": worker_info(), "version": __version__}
     temp, side_temp = _temp_name(final), side.with_name(f".{side.name}.{uuid.uuid4().hex[:8]}.partial")
     try:
-        write_audio(temp, audio, sample_rate, force=True)
-        with writing(side):
+        with writing(final):
+            write_audio(temp, audio, sample_rate, force=True)
             side_temp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
         os.replace(temp, final)
         os.replace(side_temp, side)

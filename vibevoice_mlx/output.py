@@ -56,11 +56,11 @@ class DiskFullError(UserError):
 @contextmanager
 def writing(path: PathLike):
     """Writes to `path` inside this block that fail for lack of space raise a one-line `DiskFullError` naming the
-    file; any other error passes unchanged."""
+    file (the outermost block's: a temporary name means nothing to a user); any other error passes unchanged."""
     try:
         yield
     except DiskFullError:
-        raise
+        raise DiskFullError(f"No space left on device while writing {path}") from None
     except (OSError, RuntimeError) as e:
         full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
         if not full and (not isinstance(e, OSError) or e.errno is None):
