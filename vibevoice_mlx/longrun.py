@@ -230,7 +230,7 @@ def speak_parts(pipe, parts: List[Part], script: str, voices: Sequence, voice_in
             writer.abandon(remove=True)
             store.remove()
             logger.warning("Interrupted (%s) before any audio was made; nothing was written.", e)
-            return e.status, 0.0, 0
+            return e.status, 0.0, seed
         writer.abandon()
         logger.warning("Interrupted: %d of %d parts are done and kept in %s; run the same command again to go on "
                        "(--no-resume starts over). %s holds the %.1f s made so far (seed %d).", done, len(parts),
