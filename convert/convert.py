@@ -26,6 +26,7 @@ from ..constants import DEFAULT_CFG_SCALE, DEFAULT_STEPS, DTYPE_NAMES, GENERATIO
 from ..errors import UserError, exists_message
 from ..keys import to_original
 from ..model import Model, ModelConfig
+from ..output import DiskFullError, writing
 from .dtypes import RangeStats, cast
 
 logger = logging.getLogger(__name__)
@@ -89,27 +90,31 @@ def convert(
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.converting-", dir=target.parent))
     try:
-        _chmod_like_mkdir(tmp)
-        stats, n_bytes = _write_weights(tmp, weights, plan, quantized, q_bits, q_group_size)
-        del weights
-        out_config = dict(config)
-        if quantize:
-            out_config["quantization"] = {"group_size": q_group_size, "bits": q_bits}
-        out_config["conversion"] = {
-            "source": str(model),
-            "revision": hub.snapshot_commit(source) or revision,
-            "source_layout": layout,
-            "dtype": dtype,
-            "converter": CONVERTER,
-            "float16_subnormal_values": stats.subnormal,
-            "float16_flushed_values": stats.flushed,
-        }
-        _write_json(tmp / "config.json", out_config)
-        _write_json(tmp / GENERATION_CONFIG, GENERATION_DEFAULTS)
-        for f in _tokenizer_files(tok_folder):
-            shutil.copyfile(f, tmp / f.name)
-        (tmp / "README.md").write_text(_model_card(out_config, upload_repo or str(target)))
-        _move_into_place(tmp, target)
+        with writing(target):  # a full disk: one line, not libsndfile's or MLX's traceback
+            _chmod_like_mkdir(tmp)
+            stats, n_bytes = _write_weights(tmp, weights, plan, quantized, q_bits, q_group_size)
+            del weights
+            out_config = dict(config)
+            if quantize:
+                out_config["quantization"] = {"group_size": q_group_size, "bits": q_bits}
+            out_config["conversion"] = {
+                "source": str(model),
+                "revision": hub.snapshot_commit(source) or revision,
+                "source_layout": layout,
+                "dtype": dtype,
+                "converter": CONVERTER,
+                "float16_subnormal_values": stats.subnormal,
+                "float16_flushed_values": stats.flushed,
+            }
+            _write_json(tmp / "config.json", out_config)
+            _write_json(tmp / GENERATION_CONFIG, GENERATION_DEFAULTS)
+            for f in _tokenizer_files(tok_folder):
+                shutil.copyfile(f, tmp / f.name)
+            (tmp / "README.md").write_text(_model_card(out_config, upload_repo or str(target)))
+            _move_into_place(tmp, target)
+    except DiskFullError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DiskFullError(f"{e}; nothing was written.") from None
     except BaseException:
         # Errors and Ctrl-C alike: nothing half-written is left behind.
         shutil.rmtree(tmp, ignore_errors=True)

@@ -117,3 +117,41 @@ def test_per_script_max_seconds_and_options_are_checked(pipe):
     assert [r.frames for r in res] == [2, 4] and all(r.truncated for r in res)
     with pytest.raises(ValueError, match="one per script"):
         vv.generate_batch(pipe, SCRIPTS[:2], seed=[1, 2, 3])
+
+
+@pytest.mark.parametrize("fails", ["audio", "sidecar"])
+def test_a_full_disk_leaves_neither_the_audio_nor_its_sidecar(tmp_path, monkeypatch, fails):
+    """The sidecar failed after the audio was in place: a WAV without its sidecar. Now both or neither, and the
+    message names the output, not a temporary file."""
+    import errno
+    import os
+    from pathlib import Path
+
+    import soundfile as sf
+
+    from vibevoice_mlx.batch_jobs import Job, write_outputs
+    from vibevoice_mlx.output import DiskFullError
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(*((Path, "write_text") if fails == "sidecar" else (sf.SoundFile, "write")), full)
+    job = Job("a", 1, "a.wav", 0, script="Speaker 1: hi", settings={"seed": 0})
+    with pytest.raises(DiskFullError, match="No space left on device while writing .*a.wav$"):
+        write_outputs(tmp_path, job, np.zeros(160, np.float32), 24000, {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_model_identity_follows_the_folder_not_its_spelling(tiny, tmp_path, monkeypatch):
+    import shutil
+
+    from vibevoice_mlx.checkpoint import model_identity
+
+    folder = shutil.copytree(tiny["original"], tmp_path / "m")
+    monkeypatch.chdir(tmp_path)
+    first = model_identity("m")
+    assert model_identity("./m/") == first == model_identity(str(folder)) and model_identity("org/repo") == {
+        "repo": "org/repo"}
+    config = folder / "config.json"
+    config.write_text(config.read_text().replace("{", "{ ", 1))  # edited (or converted again)
+    assert model_identity("m") != first

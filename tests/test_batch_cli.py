@@ -218,6 +218,17 @@ def test_a_rerun_skips_finished_jobs_and_redoes_changed_ones(reference, model, t
     assert_same_audio({"pause": audio_of(out)["pause"]}, {"pause": reference[1]["pause"]})
 
 
+def test_a_rerun_with_the_model_spelled_another_way_skips_finished_jobs(reference, model, tmp_path, monkeypatch):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(reference[0], out)
+    manifest = write_project(tmp_path)
+    monkeypatch.chdir(model.parent)
+    r = run_batch(manifest, out, f"./{model.name}/")  # the same folder as the absolute path the jobs were made with
+    assert r.exit_code == 0 and "0 done, 6 skipped, 0 failed" in r.output, r.output
+
+
 def test_a_failing_job_is_reported_and_the_rest_go_on(model, tmp_path):
     jobs = [JOBS[0],
             {"id": "novoice", "script": "Speaker 1: Hi.", "voices": ["missing.wav"]},

@@ -379,3 +379,20 @@ def test_cli_convert_and_user_errors(tiny, tmp_path, monkeypatch, caplog):
         assert len(lines) == 1 and all(w in lines[0] for w in words), r.output
     r = runner.invoke(main, ["convert", "--model", str(tiny["original"]), "--q-bits", "3"])
     assert r.exit_code == 2 and "'3' is not one of" in r.output
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tiny, tmp_path, monkeypatch):
+    """MLX says only "[write] Unable to write ..." when the disk is full: with no space left it is one line."""
+    import collections
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[write] Unable to write 8 bytes to file.")
+
+    monkeypatch.setattr(convert_module.mx, "save_safetensors", full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: collections.namedtuple("u", "total used free")(1, 1, 0))
+    (tmp_path / "out").mkdir()
+    r = CliRunner().invoke(main, ["convert", "--model", str(tiny["original"]), "--mlx-path",
+                                  str(tmp_path / "out" / "m"), "--tokenizer", str(tiny["tokenizer"])])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert "No space left on device while writing" in r.output and "nothing was written" in r.output, r.output
+    assert list((tmp_path / "out").iterdir()) == []

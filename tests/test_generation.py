@@ -43,6 +43,16 @@ def test_seed_makes_runs_reproducible_and_matters(pipe):
     assert a.tokens != c.tokens or not np.array_equal(a.audio, c.audio)
 
 
+def test_a_drawn_seed_is_reported_and_makes_the_run_again(pipe):
+    kw = dict(voices=[np.random.default_rng(0).standard_normal(64).astype(np.float32)], temperature=1.0,
+              top_p=0.9, max_seconds=8 * 16 / 24000)
+    a = vv.generate(pipe, "Speaker 1: Hi.", **kw)
+    assert isinstance(a.seed, int)
+    b = vv.generate(pipe, "Speaker 1: Hi.", seed=a.seed, **kw)
+    assert b.seed == a.seed and a.tokens == b.tokens and np.array_equal(a.audio, b.audio)
+    assert all(r.seed == a.seed for r in vv.stream_generate(pipe, "Speaker 1: Hi.", seed=a.seed, **kw))
+
+
 def test_tokens_are_control_tokens_only(pipe):
     r = vv.generate(pipe, "Speaker 1: Hi there.", seed=1, temperature=1.5, max_seconds=0.01)
     assert r.tokens and set(sum(r.tokens, [])) <= set(pipe.tokens.control_ids)

@@ -212,6 +212,27 @@ def test_a_part_with_later_speakers_only_keeps_their_voices(first):
         parts[-1].voices(["A", "B"])
 
 
+@pytest.mark.parametrize("context", [4096, 200])
+def test_huge_speaker_numbers_cost_nothing(context):
+    """Speaker ids as written are text: no range up to the largest one is built (it took gigabytes, then a
+    MemoryError or an OverflowError), whether the script fits whole or is split."""
+    import time
+    import tracemalloc
+
+    big, huge = 100_000_000, 12345678901234567890
+    script = f"Speaker {big}: " + "Hello there. " * 8 + f"\nSpeaker {huge}: " + "Fine, thanks. " * 8
+    tracemalloc.start()
+    start = time.perf_counter()
+    parts = split_script(script, Counter(), context=context)
+    elapsed = time.perf_counter() - start
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert elapsed < 5 and peak < 20e6, (elapsed, peak)
+    assert (len(parts) == 1) == (context == 4096)
+    assert sorted({s for p in parts for s in p.speakers}) == [big - 1, huge - 1]  # 0-based, as parsed
+    align(script, parts)  # the parts speak the script's lines, speakers included
+
+
 # --- the real prompt ---
 
 

@@ -1,6 +1,7 @@
 """Nothing lost, nothing half-written: interrupted, concurrent and failing runs of `say`, and output paths checked
 before any work."""
 
+import errno
 import os
 import signal
 import subprocess
@@ -165,3 +166,67 @@ def test_bad_input_is_refused_before_loading_and_leaves_nothing(tiny, tmp_path, 
     assert len(errors) == 1 and "Traceback" not in r.output, r.output
     assert set(tmp_path.rglob("*")) == before, case
     os.write(1, f"[refused] {case}: {errors[0]}\n".encode())
+
+
+def test_a_second_run_on_the_same_output_is_refused_before_loading(tiny, tmp_path, no_load):
+    out = tmp_path / "busy.wav"
+    with AudioWriter(out) as w:  # another run, writing
+        w.write(np.ones(16, np.float32))
+        r = _say(tiny, "-o", out, "--force")
+        assert r.exit_code == 1 and "Another run is writing" in r.output, r.output
+    assert sf.info(out).frames == 16
+
+
+def _fill_disk(monkeypatch, after: int = 2):
+    """Writes fail with ENOSPC after `after` chunks, as on a full disk (no root or tmpfs needed)."""
+    real = sf.SoundFile.write
+    calls = {"n": 0}
+
+    def write(self, data):
+        calls["n"] += 1
+        if calls["n"] > after:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, data)
+
+    monkeypatch.setattr(sf.SoundFile, "write", write)
+
+
+@pytest.mark.parametrize("ext", [".wav", ".mp3"])
+def test_a_full_disk_is_one_line_and_leaves_nothing(tiny, tmp_path, monkeypatch, ext):
+    monkeypatch.setattr(generation, "greedy", lambda logits, ids: ids[2])
+    _fill_disk(monkeypatch)
+    out = tmp_path / f"full{ext}"
+    r = _say(tiny, "-o", out, "--max-seconds", 0.01)
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert f"No space left on device while writing {out}; nothing was written." in r.output, r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failing_writer_never_puts_its_file_under_the_final_name(tmp_path):
+    out = tmp_path / "bug.wav"
+    with pytest.raises(ZeroDivisionError):
+        with AudioWriter(out) as w:
+            w.write(np.ones(16, np.float32))
+            1 / 0  # a bug mid-run
+    assert not out.exists() and sf.info(w.partial_path).frames == 16  # kept aside, valid, for a look
+    with AudioWriter(out, force=True) as w:  # and replaced by the next run
+        w.write(np.ones(8, np.float32))
+    assert sf.info(out).frames == 8 and not w.partial_path.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or sys.platform != "linux", reason="mounting a tmpfs needs root on Linux")
+def test_a_real_full_disk(tiny, tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    full.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(full)]).returncode:
+        pytest.skip("this container cannot mount a tmpfs")
+    try:
+        monkeypatch.setattr(generation, "greedy", lambda logits, ids: ids[2])
+        for name in ("full.wav", "full.mp3"):  # about 800 frames of 16 samples: more than 16 KB
+            r = CliRunner().invoke(main, ["say", "Speaker 1: " + "la " * 400, "--model", str(tiny["original"]),
+                                          "--tokenizer", str(tiny["tokenizer"]), "-o", str(full / name),
+                                          "--chunk", "off"])
+            assert r.exit_code == 1 and "No space left on device" in r.output, r.output
+            assert list(full.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(full)])

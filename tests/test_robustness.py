@@ -53,6 +53,20 @@ def test_other_bytes_are_refused_naming_the_encoding(tmp_path, data, words):
         read_script_file(path)
 
 
+def test_a_huge_script_file_is_one_line_naming_the_cap(tmp_path):
+    """A 13 MB one-token script took 3.6 GB and 29 s in --dry-run; now it is refused before any parsing."""
+    from vibevoice_mlx.processor import MAX_SCRIPT_BYTES
+
+    edge = tmp_path / "edge.txt"
+    edge.write_bytes(b"Speaker 1: " + b"a" * (MAX_SCRIPT_BYTES - 11))
+    assert len(read_script_file(edge)) == MAX_SCRIPT_BYTES  # the cap itself is allowed
+    big = tmp_path / "big.txt"
+    big.write_bytes(b"x" * (13 << 20))
+    r = CliRunner().invoke(main, ["say", "--file", str(big), "--dry-run", "--model", str(tmp_path / "none")])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert str(big) in r.output and "2 MiB" in r.output, r.output
+
+
 def test_near_miss_labels_are_said_with_their_line(caplog):
     with caplog.at_level(logging.WARNING):
         parse_script("Speaker 1: Hello.\nSpeaker1: typo\nSpeaker 2 no colon\n[1] no colon either")

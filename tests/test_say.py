@@ -102,6 +102,15 @@ def test_output_format_follows_extension(tiny, forced, tmp_path, ext):
     assert not (tmp_path / f"out.{ext}.partial.wav").exists()
 
 
+def test_the_drawn_seed_is_printed_and_makes_the_same_audio(tiny, forced, tmp_path):
+    r = _say(tiny, "Speaker 1: Hello.", "-o", tmp_path / "a.wav", "--max-seconds", 0.01)
+    assert r.exit_code == 0, r.output
+    seed = r.output.split(", seed ")[1].split(")")[0]
+    r = _say(tiny, "Speaker 1: Hello.", "-o", tmp_path / "b.wav", "--max-seconds", 0.01, "--seed", seed)
+    assert r.exit_code == 0 and f"seed {seed})" in r.output, r.output
+    np.testing.assert_array_equal(sf.read(tmp_path / "a.wav")[0], sf.read(tmp_path / "b.wav")[0])
+
+
 def test_existing_output_is_not_overwritten(tiny, forced, tmp_path):
     out = tmp_path / "keep.wav"
     out.write_bytes(b"precious")

@@ -5,6 +5,7 @@ converted folder, so the length estimates are those of the real models while eve
 """
 
 import copy
+import errno
 import json
 import os
 import shutil
@@ -169,3 +170,83 @@ def test_interrupted_before_any_audio_leaves_nothing(model_folder, tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "nothing was written" in err, err
     assert list(out.parent.iterdir()) == []
+
+
+def _full_disk_at(monkeypatch, part: str):
+    """Writing `part` (a part file's name) fails as a full disk does."""
+    real = sf.SoundFile.write
+
+    def write(self, data):
+        if part in str(self.name):  # its partial file, part-0003.wav.partial.wav
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, data)
+
+    monkeypatch.setattr(sf.SoundFile, "write", write)
+
+
+def test_a_full_disk_keeps_the_parts_and_another_spelling_of_the_model_resumes(model_folder, tmp_path, monkeypatch,
+                                                                                 caplog):
+    monkeypatch.setattr(generation, "greedy", cycling)
+    cycling.n = -1
+    out = tmp_path / "full.wav"
+    parts = tmp_path / "full.wav.parts"
+    with monkeypatch.context() as m:
+        _full_disk_at(m, "part-0003.wav")
+        r = _say(model_folder, out)
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert "No space left on device while writing" in r.output and "kept 2 of" in r.output, r.output
+    assert not out.exists() and not (tmp_path / "full.wav.partial.wav").exists()
+    assert sorted(p.name for p in parts.glob("*.wav")) == ["part-0001.wav", "part-0002.wav"]
+    # The same model as ./name/ from its parent folder: the same run, so the finished parts are kept.
+    monkeypatch.chdir(model_folder.parent)
+    cycling.n = -1
+    caplog.clear()
+    r = _say(f"./{model_folder.name}/", out)
+    assert r.exit_code == 0, r.output
+    assert sum("kept from the interrupted run" in m for m in caplog.messages) == 2, caplog.messages
+    assert "seed 5)" in r.output and not parts.exists()
+    n = int(r.output.split(" parts,")[0].split()[-1])
+    assert sf.info(out).frames == n * K * 3200
+
+
+def test_a_changed_seed_on_resume_is_said(tmp_path, caplog):
+    from vibevoice_mlx.longrun import PartStore
+
+    out = tmp_path / "a.wav"
+    key = {"script": "s", "voices": [], "model": {"folder": "m"}, "seed": 5, "options": {}, "parts": ["x", "y"]}
+    store = PartStore(out, dict(key), resume=True)
+    store.path(0).write_bytes(b"done")
+    assert PartStore(out, dict(key, seed=None), resume=True).key["seed"] == 5 and store.done(0)  # kept
+    assert not caplog.messages
+    PartStore(out, dict(key, seed=6), resume=True)
+    assert not store.done(0)
+    assert any("made with --seed 5, this run has --seed 6" in m and "--seed 5 to continue" in m
+               for m in caplog.messages), caplog.messages
+    store = PartStore(out, dict(key, seed=6), resume=True)
+    store.path(0).write_bytes(b"done")
+    caplog.clear()
+    PartStore(out, dict(key, seed=6, model={"folder": "other"}), resume=True)
+    assert any("different run (other model)" in m for m in caplog.messages), caplog.messages
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_a_piece_too_long_for_the_context_is_refused_before_loading(model_folder, tmp_path, monkeypatch, dry_run):
+    """Under the default --chunk auto, a word that cannot be cut and fills the context was called runnable by
+    --dry-run and failed only after the weights loaded, telling a user with no voice to shorten the voices."""
+    monkeypatch.setattr(loader, "build_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    r = CliRunner().invoke(main, ["say", "Speaker 1: Hello. " + "ab1" * 3000, "--model", str(model_folder), "-o",
+                                  str(tmp_path / "a.wav"), *(["--dry-run"] if dry_run else [])])
+    assert r.exit_code == 1 and "more than the model's context of 4096" in r.output, r.output
+    assert "longest word" in r.output and "voice samples" not in r.output, r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_context_error_names_voices_only_when_there_are_some():
+    from vibevoice_mlx.errors import UserError
+    from vibevoice_mlx.preflight import check_context
+
+    with pytest.raises(UserError, match="use shorter voice samples .* or split the script"):
+        check_context([10], 8, 3200, voices=True)
+    with pytest.raises(UserError, match="context of 8: split the script.$"):
+        check_context([10], 8, 3200, voices=False)
+    check_context([7], 8, 3200, voices=False)

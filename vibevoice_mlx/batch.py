@@ -17,6 +17,7 @@ import click
 
 from .batch_jobs import Job, is_finished, log_event, parse_shard, prepare, read_manifest
 from .batch_run import DONE, FAILED, MAX_BATCH, SKIPPED, Outcome, Runner
+from .checkpoint import model_identity
 from .errors import CLIError, UserError, user_errors
 
 
@@ -111,7 +112,7 @@ def batch(ctx, manifest, out_dir, model, dtype, tokenizer, batch_size, shard, ra
     where = (f"shard {shard} " if shard else "") + (f"rank {rank[0]}/{rank[1]} " if rank[1] > 1 else "")
     if not quiet:
         click.echo(f"{where}{len(mine)} of {len(jobs)} jobs from {manifest}", err=True)
-    run = {"model": model, "dtype": dtype, "force_frames": force_frames}
+    run = {"model": model_identity(model), "dtype": dtype, "force_frames": force_frames}  # not the path's spelling
     todo, outcomes = plan(mine, out_dir, run)
     for o in outcomes:
         _report(o, quiet)

@@ -212,27 +212,27 @@ def _temp_name(final: Path) -> Path:
 
 
 def write_outputs(out_dir: Path, job: Job, audio, sample_rate: int, record: Dict[str, Any]) -> Path:
-    """Write the audio, then the sidecar, each atomically; returns the output path."""
+    """Write the audio and the sidecar, each atomically, both written before either is renamed into place (a full
+    disk leaves neither); returns the output path."""
     from . import __version__
     from .audio import write_audio
+    from .output import writing
 
     final = Path(out_dir) / job.output
     final.parent.mkdir(parents=True, exist_ok=True)
-    temp = _temp_name(final)
-    try:
-        write_audio(temp, audio, sample_rate, force=True)
-        os.replace(temp, final)
-    finally:
-        temp.unlink(missing_ok=True)
     side = sidecar_path(out_dir, job.output)
     payload = {"id": job.id, "output": job.output, "settings": job.settings, "voices": job.voices, **record,
                "worker": worker_info(), "version": __version__}
-    temp = side.with_name(f".{side.name}.{uuid.uuid4().hex[:8]}.partial")
+    temp, side_temp = _temp_name(final), side.with_name(f".{side.name}.{uuid.uuid4().hex[:8]}.partial")
     try:
-        temp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-        os.replace(temp, side)
+        with writing(final):
+            write_audio(temp, audio, sample_rate, force=True)
+            side_temp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+        os.replace(temp, final)
+        os.replace(side_temp, side)
     finally:
         temp.unlink(missing_ok=True)
+        side_temp.unlink(missing_ok=True)
     return final
 
 

@@ -8,6 +8,7 @@ reads the safetensors and checks them strictly against the model. The key table 
 
 import copy
 import glob
+import hashlib
 import json
 import logging
 import math
@@ -305,6 +306,28 @@ def weight_format(folder: Path) -> Optional[str]:
     except Exception as e:  # safetensors raises its own error types for a damaged header
         raise LoadError(f"Cannot read {files[0]}: {e}. The file is damaged or truncated: download or convert "
                         "again.") from None
+
+
+def model_identity(model) -> Dict[str, str]:
+    """What identifies a model for resuming a run (split `say` parts, finished `batch` jobs): the resolved folder,
+    so `m`, `./m/` and `/abs/m` agree, and a fingerprint of its files (names, sizes, modification times, config
+    bytes, safetensors headers), which changes when it is converted or downloaded again. Reads no weight data. A
+    hub repo id that is not a local folder is identified by its name."""
+    folder = Path(model).expanduser()
+    if not folder.is_dir():
+        return {"repo": str(model)}
+    folder = folder.resolve()
+    h = hashlib.sha256()
+    for path in sorted(folder.glob("*.json")) + sorted(folder.glob("*.safetensors")):
+        st = path.stat()
+        h.update(f"{path.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        if path.name == "config.json":
+            h.update(path.read_bytes())
+        elif path.suffix == ".safetensors":
+            with open(path, "rb") as f:  # 8 bytes of header length, then the JSON header (names, dtypes, shapes)
+                n = int.from_bytes(f.read(8), "little")
+                h.update(f.read(min(n, 1 << 26)))
+    return {"folder": str(folder), "fingerprint": h.hexdigest()[:16]}
 
 
 @dataclass

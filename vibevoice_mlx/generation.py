@@ -88,6 +88,7 @@ class GenerationResponse:
     is_pause: bool = False
     finished: bool = False
     truncated: bool = False
+    seed: Optional[int] = None  # the script's seed, the one drawn when none was given: pass it to make this again
 
 
 @dataclass
@@ -101,6 +102,7 @@ class GenerationResult:
     peak_memory_gb: float
     truncated: bool
     tokens: List[List[int]] = field(default_factory=list)
+    seed: Optional[int] = None  # the seed used (drawn when none was given): pass it again for the same audio
 
 
 def make_sampler(temperature: float, top_p: float, key: mx.array) -> Sampler:
@@ -169,8 +171,8 @@ class ScriptRun:
         voice_arrays = prepare_voices(pipe, voices, len(self.speakers))
         if not voice_arrays:
             warn_once(logger, "No voice given: the model picks the voices itself.")  # once, not once a part
-        seed = config.seed if config.seed is not None else int(time.time() * 1e6) % (2**31)
-        key, voice_key, noise_key, sample_key = mx.random.split(mx.random.key(seed), 4)
+        self.seed = config.seed if config.seed is not None else int(time.time() * 1e6) % (2**31)
+        key, voice_key, noise_key, sample_key = mx.random.split(mx.random.key(self.seed), 4)
         self.voices = pipe.backend.encode_voices(voice_arrays, config.voice_noise, voice_key)
         self.frames_per_voice = [int(v.shape[0]) if v.ndim == 2 else math.ceil(len(v) / pipe.hop_length)
                                  for v in voice_arrays]
@@ -192,7 +194,7 @@ class ScriptRun:
             audio=audio, sample_rate=SAMPLE_RATE, token=token, frames=self.frames, audio_seconds=seconds,
             elapsed=elapsed, frames_per_second=self.frames / elapsed if elapsed else 0.0,
             real_time_factor=seconds / elapsed if elapsed else 0.0, peak_memory_gb=_peak_gb(),
-            segment=max(self.index, 0), **flags,
+            segment=max(self.index, 0), seed=self.seed, **flags,
         )
 
     def next_job(self) -> Optional[SegmentJob]:
@@ -208,9 +210,10 @@ class ScriptRun:
                 continue
             prompt = build_prompt(self.pipe.tokenizer, item.lines, self.frames_per_voice, self.pipe.tokens,
                                   num_speakers=len(self.speakers))
-            check_context([len(prompt.input_ids)], self.pipe.config.max_positions, self.pipe.hop_length)
+            check_context([len(prompt.input_ids)], self.pipe.config.max_positions, self.pipe.hop_length,
+                          voices=bool(self.frames_per_voice))
             budget = None if self.max_frames is None else self.max_frames - self.frames
-            return SegmentJob(prompt, self.voices, self.sampler, self.noise, budget, self.stop, self.config.seed)
+            return SegmentJob(prompt, self.voices, self.sampler, self.noise, budget, self.stop, self.seed)
         self.finish()
         return None
 
@@ -332,7 +335,7 @@ def _result(responses: List[GenerationResponse], tokens: List[List[int]]) -> Gen
         audio_seconds=seconds, elapsed=last.elapsed if last else 0.0,
         real_time_factor=seconds / last.elapsed if last and last.elapsed else 0.0,
         peak_memory_gb=last.peak_memory_gb if last else 0.0, truncated=any(r.truncated for r in responses),
-        tokens=tokens,
+        tokens=tokens, seed=last.seed if last else None,
     )
 
 

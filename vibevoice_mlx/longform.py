@@ -61,9 +61,9 @@ _WORDS_RE = re.compile(r"\w+")
 class Part:
     """One generation of a split script.
 
-    text: a script the processor parses into this part's lines and pauses. speakers: part id -> script id
-    (`parse_script(text)`'s id k is the script's speaker `speakers[k]`, 0-based as `parse_script` numbers
-    them). voice_indices: the script's voices (one per speaker, in speaker order) this part passes, in order.
+    text: a script the processor parses into this part's lines and pauses. speakers: the script's speakers
+    (0-based, as `parse_script` numbers them) in the part, in order; `script_speaker` maps the part's own ids
+    back to them. voice_indices: the script's voices (one per speaker, in speaker order) this part passes, in order.
     reason: why the part ends here (FITS, TURN, PAUSE, SENTENCE, CLAUSE, WORD, END). tokens: prompt tokens of its
     longest segment; seconds: estimated audio, pauses included; words: spoken words (CJK characters count one
     each). fits: False only for a piece that cannot be cut further and is still too long (generating it will be
@@ -78,6 +78,11 @@ class Part:
     seconds: float
     words: int
     fits: bool = True
+
+    def script_speaker(self, k: int) -> int:
+        """The script's speaker id of `parse_script(self.text)`'s id k: a split part is relabelled 0, 1, ...; a
+        script that fits keeps its own ids."""
+        return k if self.reason == FITS else self.speakers[k]
 
     def voices(self, voices: Optional[Sequence]) -> Optional[list]:
         """This part's voices out of the script's (one per speaker, in speaker order); None or [] stays so."""
@@ -218,8 +223,7 @@ class _Splitter:
         used = sorted({a.speaker for a in atoms})
         local = {s: (i if relabel else s) for i, s in enumerate(used)}
         voices = tuple(self.rank[s] for s in used)
-        # part id -> script id: renumbered, or (kept as written) the identity up to the largest id
-        speakers = tuple(used) if relabel else tuple(range(used[-1] + 1))
+        speakers = tuple(used)  # never a range up to the largest id: "Speaker 100000000:" is one speaker
         fits, tokens, seconds, words, text = True, 0, 0.0, 0, []
         for entry in layout:
             if isinstance(entry, Pause):
@@ -319,5 +323,5 @@ def parts_items(parts: Sequence[Part]) -> List[ScriptItem]:
     for part in parts:
         for item in parse_script(part.text):
             out.append(item if isinstance(item, Pause) else
-                       Segment([(part.speakers[s], t) for s, t in item.lines]))
+                       Segment([(part.script_speaker(s), t) for s, t in item.lines]))
     return out

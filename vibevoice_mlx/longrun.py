@@ -23,9 +23,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import soundfile as sf
 
+from .checkpoint import model_identity
 from .constants import SAMPLE_RATE
 from .errors import UserError
 from .longform import FITS, Part, estimate_seconds, prompt_counter, split_script
+from .output import AudioWriter, DiskFullError, writing
 from .processor import Segment, parse_script
 
 logger = logging.getLogger(__name__)
@@ -52,19 +54,24 @@ def parse_chunk(value: Optional[str]) -> Tuple[bool, Optional[int], Optional[int
 
 def plan(tokenizer, tokens, config, script: str, voice_frames: Sequence[int], chunk: Optional[str]) -> List[Part]:
     """The parts `say` will generate, from the config and tokenizer alone (no weights)."""
+    from .preflight import check_context
+
     split, max_tokens, max_words = parse_chunk(chunk)
     counter = prompt_counter(tokenizer, tokens, voice_frames)
     if not split:
-        from .preflight import check_context
-
         items = parse_script(script)
         speakers = sorted({s for it in items if isinstance(it, Segment) for s, _ in it.lines})
         lengths = [counter(it.lines, tuple(range(len(speakers)))) for it in items if isinstance(it, Segment)]
-        check_context(lengths, config.max_positions, config.hop_length)
+        check_context(lengths, config.max_positions, config.hop_length, voices=bool(voice_frames))
         return [Part(script, tuple(speakers), tuple(range(len(speakers))), FITS, max(lengths),
                      estimate_seconds(script), len(script.split()))]
-    return split_script(script, counter, config.max_positions, max_tokens=max_tokens, max_words=max_words,
-                        frame_rate=SAMPLE_RATE / config.hop_length)
+    parts = split_script(script, counter, config.max_positions, max_tokens=max_tokens, max_words=max_words,
+                         frame_rate=SAMPLE_RATE / config.hop_length)
+    # A piece that cannot be cut and whose prompt alone fills the context cannot run at all: said now, not after
+    # the weights load (and --dry-run fails on it too).
+    check_context([p.tokens for p in parts], config.max_positions, config.hop_length, voices=bool(voice_frames),
+                  split=True)
+    return parts
 
 
 def describe(parts: Sequence[Part]) -> str:
@@ -91,27 +98,35 @@ def _fingerprint(value) -> str:
 
 
 class PartStore:
-    """`<output>.parts/`: the finished parts of one run and what they were made with."""
+    """`<output>.parts/`: the finished parts of one run and what they were made with (`run.json`, which also
+    keeps the run's seed, drawn or given, for as long as parts are kept)."""
 
     def __init__(self, out: Path, key: Dict, resume: bool):
         self.folder = out.with_name(out.name + ".parts")
-        self.key = key
+        key = json.loads(json.dumps(key))  # compared as it is stored
         old = self._read()
-        if old is not None and (not resume or {k: v for k, v in old.items() if k != "seed"}
-                                != {k: v for k, v in key.items() if k != "seed"}):
-            if resume:
-                logger.warning("%s holds parts of a different run (other script, voices or options); starting over.",
-                               self.folder)
-            shutil.rmtree(self.folder)
+        if old is not None and resume:
+            changed = [k for k in sorted(set(old) | set(key)) if k != "seed" and old.get(k) != key.get(k)]
+            if changed:
+                logger.warning("%s holds parts of a different run (other %s); starting over.", self.folder,
+                               ", ".join(changed))
+            elif key["seed"] is not None and key["seed"] != old.get("seed"):
+                logger.warning("%s holds parts made with --seed %s, this run has --seed %s: starting over (run "
+                               "with --seed %s to continue them).", self.folder, old.get("seed"), key["seed"],
+                               old.get("seed"))
+                changed = ["seed"]
+            if changed:
+                old = None
+        elif old is not None:  # --no-resume
             old = None
-        if old is not None and key.get("seed") is None:
-            key["seed"] = old["seed"]  # resuming a run that drew its own seed: the same one
-        if key.get("seed") is None:
-            key["seed"] = random.SystemRandom().randrange(2**31)
-        if old is not None and old["seed"] != key["seed"]:
-            shutil.rmtree(self.folder)
+        if old is None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        if key["seed"] is None:  # resuming a run that drew its own seed: the same one
+            key["seed"] = old["seed"] if old is not None else random.SystemRandom().randrange(2**31)
+        self.key = key
         self.folder.mkdir(exist_ok=True)
-        (self.folder / RUN_FILE).write_text(json.dumps(key, indent=2, sort_keys=True) + "\n")
+        with writing(self.folder / RUN_FILE):
+            (self.folder / RUN_FILE).write_text(json.dumps(key, indent=2, sort_keys=True) + "\n")
 
     def _read(self) -> Optional[Dict]:
         path = self.folder / RUN_FILE
@@ -139,7 +154,7 @@ def _speaker_at(part: Part, seconds: float) -> int:
     for item in parse_script(part.text):
         if isinstance(item, Segment):
             for s, text in item.lines:
-                last = part.speakers[s] if s < len(part.speakers) else s
+                last = part.script_speaker(s)
                 elapsed += estimate_seconds(text)
                 if elapsed >= seconds:
                     return last
@@ -148,22 +163,27 @@ def _speaker_at(part: Part, seconds: float) -> int:
 
 def speak_parts(pipe, parts: List[Part], script: str, voices: Sequence, voice_inputs: List, out: Path,
                 options: Dict, resume: bool, force: bool, bar, player=None) -> Tuple[int, float, int]:
-    """Generate `parts` into `out`; returns (exit status, audio seconds, frames). Interrupted (Ctrl-C, SIGTERM),
-    the finished parts stay for the next run and the output stays partial."""
+    """Generate `parts` into `out`; returns (exit status, audio seconds, the run's seed). Interrupted (Ctrl-C,
+    SIGTERM), the finished parts stay for the next run and the output stays partial; a full disk keeps them
+    too."""
     from . import generation as gen
-    from .output import AudioWriter
     from .errors import Interrupted
 
     key = {"script": hashlib.sha256(script.encode()).hexdigest()[:16],
-           "voices": [_fingerprint(v) for v in voices], "model": str(pipe.folder), "seed": options.get("seed"),
-           "options": {k: v for k, v in sorted(options.items()) if k != "seed"}, "parts": [p.text for p in parts]}
-    store = PartStore(out, key, resume)
-    seed = key["seed"]
+           "voices": [_fingerprint(v) for v in voices], "model": model_identity(pipe.folder),
+           "seed": options.get("seed"), "options": {k: v for k, v in sorted(options.items()) if k != "seed"},
+           "parts": [p.text for p in parts]}
+    writer = AudioWriter(out, force=force)  # first: its lock keeps a second run off the parts too
+    try:
+        store = PartStore(out, key, resume)
+    except BaseException:
+        writer.abandon(remove=True)
+        raise
+    seed = store.key["seed"]
     budget = options.get("max_seconds")
     total_frames = sum(math.ceil(p.seconds * SAMPLE_RATE / pipe.hop_length) for p in parts)
     bar.reset(total=total_frames)
     made, frames, start = 0.0, 0, time.perf_counter()
-    writer = AudioWriter(out, force=force)
     try:
         for i, part in enumerate(parts):
             if budget is not None and made >= budget:
@@ -210,16 +230,28 @@ def speak_parts(pipe, parts: List[Part], script: str, voices: Sequence, voice_in
             writer.abandon(remove=True)
             store.remove()
             logger.warning("Interrupted (%s) before any audio was made; nothing was written.", e)
-            return e.status, 0.0, 0
+            return e.status, 0.0, seed
         writer.abandon()
         logger.warning("Interrupted: %d of %d parts are done and kept in %s; run the same command again to go on "
-                       "(--no-resume starts over). %s holds the %.1f s made so far.", done, len(parts),
-                       store.folder, writer.partial_path, made)
-        return e.status, made, frames
+                       "(--no-resume starts over). %s holds the %.1f s made so far (seed %d).", done, len(parts),
+                       store.folder, writer.partial_path, made, seed)
+        return e.status, made, seed
+    except DiskFullError as e:
+        writer.abandon(remove=True)
+        done = sum(store.done(i) for i in range(len(parts)))
+        if not done:
+            store.remove()
+            raise DiskFullError(f"{e}; nothing was written.") from None
+        raise DiskFullError(f"{e}; kept {done} of {len(parts)} finished parts in {store.folder}: free some space "
+                            "and run the same command again to go on.") from None
     except BaseException:
         writer.abandon()
         raise
-    writer.close()
+    try:
+        writer.close()
+    except DiskFullError as e:
+        raise DiskFullError(f"{e}; kept all {len(parts)} finished parts in {store.folder}: free some space and run "
+                            "the same command again.") from None
     if writer.frames:
         store.remove()
-    return 0, made, frames
+    return 0, made, seed

@@ -5,12 +5,16 @@ at every moment, even after a hard kill. Only when the writer closes is it moved
 MP3) into place under the final name with `os.replace`: the final name only ever holds a complete file, and an
 existing one (--force) stays intact until its replacement is ready. The partial file is also the writer's lock
 (`flock`), so a second run writing the same path is refused instead of splicing the file; a partial left by a
-killed run is replaced with a message. A writer that wrote nothing leaves nothing behind.
+killed run is replaced with a message. A writer that wrote nothing leaves nothing behind; one that fails (a full
+disk, a bug) never puts its file under the final name.
 """
 
+import errno
 import logging
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional, Tuple, Union
 
@@ -18,7 +22,7 @@ import numpy as np
 import soundfile as sf
 
 from .constants import SAMPLE_RATE
-from .errors import MissingPathError, OutputExistsError, UserError, exists_message
+from .errors import Interrupted, MissingPathError, OutputExistsError, UserError, exists_message
 
 try:
     import fcntl
@@ -41,6 +45,33 @@ FORMATS = {
 # sndfile.h: rewrite the header after every write, so the sizes always match the data written.
 _SFC_SET_UPDATE_HEADER_AUTO = 0x1061
 PARTIAL_SUFFIX = ".partial.wav"
+# libsndfile and MLX report a failed write without its errno: with less free space than this left, it was a full
+# disk.
+_FULL_BYTES = 1 << 20
+
+
+class DiskFullError(UserError):
+    """A write failed for lack of space (or quota); what was being written is not left under its name."""
+
+
+@contextmanager
+def writing(path: PathLike):
+    """Writes to `path` inside this block that fail for lack of space raise a one-line `DiskFullError` naming the
+    file (the outermost block's: a temporary name means nothing to a user); any other error passes unchanged."""
+    try:
+        yield
+    except DiskFullError:
+        raise DiskFullError(f"No space left on device while writing {path}") from None
+    except (OSError, RuntimeError) as e:
+        full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+        if not full and (not isinstance(e, OSError) or e.errno is None):
+            try:
+                full = shutil.disk_usage(Path(path).parent).free < _FULL_BYTES
+            except OSError:
+                pass
+        if not full:
+            raise
+        raise DiskFullError(f"No space left on device while writing {path}") from None
 
 
 def output_format(path: Path) -> Tuple[str, str]:
@@ -68,7 +99,31 @@ def check_output_path(path: PathLike, force: bool = False, what: str = "output")
         raise MissingPathError(f"Cannot write {path}: folder {folder} does not exist.")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UserError(f"Cannot write {path}: folder {folder} is not writable.")
+    _check_not_busy(path)
     return path
+
+
+def _busy(path: Path) -> UserError:
+    return UserError(f"Another run is writing {path} right now (it holds {path.name + PARTIAL_SUFFIX}): wait for it "
+                     "or choose another output.")
+
+
+def _check_not_busy(path: Path) -> None:
+    """Refuse a path another run is writing now (it holds the partial file's lock): said before any work, not
+    after the model loaded. AudioWriter takes the lock itself; this only looks."""
+    partial = path.with_name(path.name + PARTIAL_SUFFIX)
+    if fcntl is None or not partial.is_file():
+        return
+    try:
+        fd = os.open(partial, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _busy(path) from None
+    finally:
+        os.close(fd)  # and with it the lock, if it was taken
 
 
 def _mono(audio) -> np.ndarray:
@@ -108,14 +163,21 @@ class AudioWriter:
             except BlockingIOError:
                 os.close(self._lock)
                 self._file = None
-                raise UserError(f"Another run is writing {self.path} right now (it holds {self.partial_path}): "
-                                "wait for it or choose another output.") from None
+                raise _busy(self.path) from None
         if leftover:
             logger.warning("Replacing %s, left by an interrupted run (%.1f s of audio).", self.partial_path,
                            _seconds_in(self.partial_path))
         # A WAV partial is the final file already; compressed formats are encoded from a float WAV on close.
         partial_subtype = self.subtype if self.format == "WAV" else "FLOAT"
-        self._file = sf.SoundFile(str(self.partial_path), "w", self.sample_rate, 1, partial_subtype, format="WAV")
+        try:
+            with writing(self.path):
+                self._file = sf.SoundFile(str(self.partial_path), "w", self.sample_rate, 1, partial_subtype,
+                                          format="WAV")
+        except BaseException:
+            self._file = None
+            self.partial_path.unlink(missing_ok=True)
+            os.close(self._lock)
+            raise
         self._auto_header()
 
     def _auto_header(self):
@@ -143,7 +205,8 @@ class AudioWriter:
             raise ValueError(f"{self.path} is already closed.")
         x = _mono(chunk)
         if x.size:
-            self._file.write(x)
+            with writing(self.path):
+                self._file.write(x)
             self.frames += x.size
 
     def close(self) -> None:
@@ -167,6 +230,9 @@ class AudioWriter:
 
                 write_atomically(self.path, encode)
                 self.partial_path.unlink()
+        except DiskFullError:
+            self.partial_path.unlink(missing_ok=True)  # the space it takes is what is missing
+            raise
         finally:
             os.close(self._lock)
 
@@ -184,8 +250,12 @@ class AudioWriter:
     def __enter__(self) -> "AudioWriter":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, kind, exc, tb) -> None:
+        # Done, or stopped by the user: what was made is the output. Failed: the final name is not touched.
+        if exc is None or isinstance(exc, (Interrupted, KeyboardInterrupt)):
+            self.close()
+        else:
+            self.abandon(remove=isinstance(exc, DiskFullError))
 
     def __del__(self):
         if getattr(self, "_file", None) is not None:
@@ -200,7 +270,8 @@ def write_atomically(path: PathLike, write: Callable[[Path], None]) -> Path:
     os.close(fd)
     tmp = Path(tmp)
     try:
-        write(tmp)
+        with writing(path):
+            write(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)

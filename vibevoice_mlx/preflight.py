@@ -29,13 +29,17 @@ def prompt_lengths(tokenizer, tokens, items, frames_per_voice: Sequence[int], nu
             for it in items if not isinstance(it, Pause)]
 
 
-def check_context(lengths: Sequence[int], max_positions: int, hop: int) -> None:
-    """Every prompt must leave room to generate (architecture.md §6.6)."""
-    for i, n in enumerate(lengths):
+def check_context(lengths: Sequence[int], max_positions: int, hop: int, voices: bool = True,
+                  split: bool = False) -> None:
+    """Every prompt must leave room to generate (architecture.md §6.6). The fix named follows what made it long:
+    `voices` (voice samples were given), `split` (the script is already cut as far as it can be)."""
+    for n in lengths:
         if n >= max_positions:
-            raise UserError(f"The prompt has {n} tokens, more than the model's context of {max_positions}: use "
-                            f"shorter voice samples (each second costs {SAMPLE_RATE / hop:g} tokens) or split the "
-                            "script.")
+            fixes = [f"use shorter voice samples (each second costs {SAMPLE_RATE / hop:g} tokens)"] if voices else []
+            fixes.append("shorten the script's longest word (it cannot be split further)" if split else
+                         "split the script")
+            raise UserError(f"The prompt has {n} tokens, more than the model's context of {max_positions}: "
+                            + " or ".join(fixes) + ".")
 
 
 def available_bytes() -> Optional[int]:

@@ -192,6 +192,9 @@ def parse_script(script: str) -> List[ScriptItem]:
 # single-byte Windows/Latin text, said. Anything else is refused, naming what was found.
 _BOMS = [(b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"),
          (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16")]
+# A 90-minute script is about 100 KB of text; anything past this is no script (a log, a book, a wrong file) and
+# would take gigabytes and minutes just to plan.
+MAX_SCRIPT_BYTES = 2 << 20
 
 
 def read_script_file(path) -> str:
@@ -201,7 +204,8 @@ def read_script_file(path) -> str:
 
     path = Path(path)
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            data = f.read(MAX_SCRIPT_BYTES + 1)  # never more: a pipe has no size to check first
     except FileNotFoundError:
         raise UserError(f"Script file not found: {path}") from None
     except IsADirectoryError:
@@ -212,8 +216,11 @@ def read_script_file(path) -> str:
 
 
 def decode_script(data: bytes, path="stdin") -> str:
-    """The bytes of a script (a file's, or stdin's for `--file -`) as text, by the rules of `read_script_file`;
-    `path` names them in messages."""
+    """The bytes of a script (a file's, or stdin's for `--file -`; read at most MAX_SCRIPT_BYTES + 1 of them) as
+    text, by the rules of `read_script_file`; `path` names them in messages."""
+    if len(data) > MAX_SCRIPT_BYTES:
+        raise UserError(f"{path} is over {MAX_SCRIPT_BYTES >> 20} MiB, the most a script may hold (a 90-minute "
+                        "script is about 100 KB): give the right file, or split it into several scripts.")
     for bom, encoding in _BOMS:
         if data.startswith(bom):
             try:

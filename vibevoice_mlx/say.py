@@ -24,12 +24,12 @@ logger = logging.getLogger(__name__)
 
 
 def _read_script(text, file):
-    from .processor import decode_script, read_script_file
+    from .processor import MAX_SCRIPT_BYTES, decode_script, read_script_file
 
     if file is not None and text:
         raise CLIError("Give the script as an argument or with --file, not both.")
     if file == "-":
-        return decode_script(sys.stdin.buffer.read(), "stdin")
+        return decode_script(sys.stdin.buffer.read(MAX_SCRIPT_BYTES + 1), "stdin")
     if file is not None:
         return read_script_file(file)
     if text:
@@ -267,7 +267,7 @@ def _generate(pipe, script, out, voices, voice_inputs, save_voices, force, playe
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from . import generation as gen
-    from .output import AudioWriter
+    from .output import AudioWriter, DiskFullError
 
     voice_inputs = _save_voices(pipe, voices, voice_inputs, save_voices, force, quiet)
     bar = tqdm(unit="frame", desc="Generating", dynamic_ncols=True, file=sys.stderr, disable=quiet or None)
@@ -287,6 +287,8 @@ def _generate(pipe, script, out, voices, voice_inputs, save_voices, force, playe
                 last = r
     except Interrupted as e:
         status = e.status
+    except DiskFullError as e:
+        raise DiskFullError(f"{e}; nothing was written.") from None
     finally:
         bar.close()
     if writer is None or writer.frames == 0:
@@ -298,11 +300,12 @@ def _generate(pipe, script, out, voices, voice_inputs, save_voices, force, playe
                         "written. Try another --seed, a voice sample, or rephrase the script.")
     if status:
         click.echo(f"Interrupted ({signal.Signals(status - 128).name}): kept the {writer.seconds:.2f} s made so far "
-                   f"in {out}", err=True)
+                   f"in {out} (seed {last.seed})", err=True)
         return status
     if last is not None and not quiet:
         click.echo(f"Wrote {out}: {last.audio_seconds:.2f} s of audio in {last.elapsed:.1f} s "
-                   f"({last.real_time_factor:.2f}x real time, peak memory {last.peak_memory_gb:.2f} GB)", err=True)
+                   f"({last.real_time_factor:.2f}x real time, peak memory {last.peak_memory_gb:.2f} GB, seed "
+                   f"{last.seed})", err=True)
     return 0
 
 
@@ -319,7 +322,7 @@ def _generate_parts(pipe, parts, script, out, voices, voice_inputs, save_voices,
     start = time.perf_counter()
     try:
         with logging_redirect_tqdm():
-            status, seconds, _ = speak_parts(pipe, parts, script, voices, voice_inputs, out, options, resume, force,
+            status, seconds, seed = speak_parts(pipe, parts, script, voices, voice_inputs, out, options, resume, force,
                                              bar, player)
     finally:
         bar.close()
@@ -331,7 +334,7 @@ def _generate_parts(pipe, parts, script, out, voices, voice_inputs, save_voices,
     elapsed = time.perf_counter() - start
     if not quiet:
         click.echo(f"Wrote {out}: {seconds:.2f} s of audio in {len(parts)} parts, {elapsed:.1f} s "
-                   f"({seconds / elapsed if elapsed else 0:.2f}x real time)", err=True)
+                   f"({seconds / elapsed if elapsed else 0:.2f}x real time, seed {seed})", err=True)
     return 0
 
 
