@@ -293,3 +293,54 @@ def test_serve_with_a_bad_model_is_a_one_line_error(tmp_path):
 
     result = CliRunner().invoke(serve, ["--model", str(tmp_path), "--voices-dir", str(tmp_path / "v")])
     assert result.exit_code == 1 and "No config.json" in result.output and "Traceback" not in result.output
+
+
+# --- serve's checks before the model loads ------------------------------------------------------------------
+
+
+def run_serve(*args):
+    """serve with a folder that is no model: an error about anything else was found before loading."""
+    from click.testing import CliRunner
+
+    from vibevoice_mlx.server.cli import serve
+
+    return CliRunner().invoke(serve, ["--model", "not-a-model-folder", *args])
+
+
+@pytest.mark.parametrize("option", ["--max-upload-mb", "--grace"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_serve_refuses_options_that_are_not_finite(tmp_path, option, value):
+    result = run_serve("--voices-dir", str(tmp_path), option, value)
+    assert result.exit_code == 2 and f"'{option}'" in result.output and "finite" in result.output, result.output
+
+
+def test_serve_refuses_a_port_in_use_before_loading(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_serve("--voices-dir", str(tmp_path), "--port", str(port))
+    assert result.exit_code == 1 and f"127.0.0.1:{port}" in result.output and "--port" in result.output
+    assert "config.json" not in result.output and "Traceback" not in result.output
+
+
+def test_serve_refuses_a_voices_dir_it_cannot_write_before_loading(tmp_path, monkeypatch):
+    import errno
+    import os
+    import tempfile
+
+    voices = tmp_path / "voices"
+    voices.mkdir()
+    voices.chmod(0o555)
+    if os.geteuid() == 0:  # root writes through mode bits: what stops it is a read-only mount, as here
+        def read_only(*args, **kwargs):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+        monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    result = run_serve("--voices-dir", str(voices))
+    voices.chmod(0o755)
+    said = result.output.lower()
+    assert result.exit_code == 1 and "--voices-dir" in said and ("read-only" in said or "permission" in said), said
+    assert "config.json" not in result.output and "Traceback" not in result.output

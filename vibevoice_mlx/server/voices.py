@@ -7,9 +7,12 @@ A voice is written to a hidden temporary file and renamed into place: the folder
 import logging
 import os
 import re
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
+
+from ..errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +44,15 @@ class VoiceStore:
 
     def __init__(self, folder):
         self.folder = Path(folder).expanduser()
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            # A real write: mode bits tell nothing about a read-only mount, nor to root, which ignores them.
+            fd, probe = tempfile.mkstemp(prefix=".upload-", dir=self.folder)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise UserError(f"Cannot write saved voices in {self.folder} ({e.strerror or e}): give --voices-dir a "
+                            "folder this server can write to.") from None
         for stale in self.folder.glob(".upload-*"):  # left by a server killed in the middle of an upload
             stale.unlink(missing_ok=True)
 
