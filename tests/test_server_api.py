@@ -195,6 +195,43 @@ def test_voice_upload_refusals(server, voices):
     assert not (server.voices_dir / "big.safetensors").exists()
 
 
+def test_an_upload_is_encoded_as_the_library_encodes_a_voice(server, tiny, tmp_path):
+    import vibevoice_mlx as vv
+    from vibevoice_mlx.audio import load_voice
+
+    clip = tmp_path / "dora.wav"  # 300 frames of the tiny model: the server encodes it in 19 steps
+    clip.write_bytes(sh.wav_bytes(0.1 * np.random.default_rng(4).standard_normal(4800).astype(np.float32)))
+    assert server.upload_voice("dora", clip.read_bytes(), filename="dora.wav").status == 201
+    want = vv.save_voice(sh.pipe(tiny, tmp_path), str(clip), str(tmp_path / "dora.safetensors"))
+    got = load_voice(server.voices_dir / "dora.safetensors")
+    assert np.array_equal(got[0], load_voice(want)[0]) and got[1]["num_samples"] == 4800
+    assert server.request("DELETE", "/v1/voices/dora").status == 200
+
+
+def test_a_voice_longer_than_the_context_takes_is_refused_at_upload(server):
+    # 2 s is 3000 frames of the tiny model (hop 16): more than half its context of 4096 tokens.
+    clip = sh.wav_bytes(0.1 * np.random.default_rng(5).standard_normal(48000).astype(np.float32))
+    r = server.upload_voice("long", clip)
+    assert r.status == 413 and r.error["code"] == "voice_too_long" and r.error["param"] == "file"
+    assert "2.0 s" in r.error["message"] and "context of 4096 tokens" in r.error["message"]
+    assert not (server.voices_dir / "long.safetensors").exists()
+    assert not any(p.name.startswith(".upload") for p in server.voices_dir.iterdir())
+
+
+def test_max_voice_seconds_caps_an_upload(tiny, tmp_path):
+    from vibevoice_mlx.server.errors import APIError
+    from vibevoice_mlx.server.voices import read_upload
+
+    pipe = sh.pipe(tiny, tmp_path)
+    clip = tmp_path / "clip.flac"
+    clip.write_bytes(sh.wav_bytes(0.1 * np.random.default_rng(6).standard_normal(3600).astype(np.float32),
+                                  fmt="FLAC"))
+    assert len(read_upload(pipe, clip, max_seconds=0.15)) == 3600
+    with pytest.raises(APIError) as e:
+        read_upload(pipe, clip, max_seconds=0.1)
+    assert e.value.status == 413 and "up to 0.1 s (--max-voice-seconds)" in e.value.message
+
+
 def test_voice_delete(server, voices):
     assert server.upload_voice("carol", sh.wav_bytes(np.full(800, 0.1, np.float32))).status == 201
     r = server.request("DELETE", "/v1/voices/carol")

@@ -278,6 +278,35 @@ def test_drain_refuses_queued_jobs_and_ends_running_ones_after_the_grace():
     assert wait_sink.last[0] == "error" and wait_sink.last[1].status == 503
 
 
+def test_a_task_in_steps_runs_between_frames_and_does_not_hold_up_a_request():
+    engine = FakeEngine(frames=5, delay=0.002)
+    worker = make_worker(engine, max_batch=2, batch_window=0)
+    steps_done = []
+
+    def encoding(pipe):  # stands in for encoding a long voice upload, chunk by chunk
+        for i in range(200):
+            time.sleep(0.002)
+            steps_done.append(i)
+            yield
+        return f"encoded with {pipe}"
+
+    try:
+        future = worker.call(encoding)
+        deadline = time.monotonic() + 5
+        while not steps_done and time.monotonic() < deadline:
+            time.sleep(0.001)
+        speech, sink = job(1)
+        worker.submit(speech)
+        assert sink.ended.wait(5) and sink.last[0] == "end" and sink.audio == [1] * 5
+        assert not future.done() and len(steps_done) < 100  # the request ended while the encoding went on
+        assert future.result(5) == "encoded with pipe" and len(steps_done) == 200
+        failing = worker.call(lambda pipe: (x for x in [1, 2] if x / 0))
+        with pytest.raises(ZeroDivisionError):
+            failing.result(5)
+    finally:
+        worker.stop()
+
+
 def test_a_model_that_fails_to_load_fails_start():
     def load():
         raise ValueError("no config.json")

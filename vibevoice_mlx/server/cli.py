@@ -74,6 +74,8 @@ def model_id(model: str) -> str:
               help="Longest 'input' accepted (OpenAI's limit by default).")
 @click.option("--max-upload-mb", default=20.0, show_default=True, type=click.FloatRange(0, min_open=True),
               callback=finite, help="Largest voice upload.")
+@click.option("--max-voice-seconds", default=60.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              callback=finite, help="Longest voice upload (and at most half the model's context).")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]),
               help="Compute dtype (default: float16 on a GPU, float32 on the CPU).")
 @click.option("--tokenizer", help="Tokenizer folder or repo id, when the model folder has none.")
@@ -83,8 +85,8 @@ def model_id(model: str) -> str:
               help="Testing aid: always generate speech frames (for random test models).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
-def serve(model, host, port, voices_dir, api_key, max_queue, max_batch, max_input_chars, max_upload_mb, dtype,
-          tokenizer, grace, force_frames, log_level):
+def serve(model, host, port, voices_dir, api_key, max_queue, max_batch, max_input_chars, max_upload_mb,
+          max_voice_seconds, dtype, tokenizer, grace, force_frames, log_level):
     """Serve the OpenAI speech API (POST /v1/audio/speech), saved voices and a playground page at /."""
     try:
         import fastapi  # noqa: F401
@@ -115,7 +117,8 @@ def serve(model, host, port, voices_dir, api_key, max_queue, max_batch, max_inpu
         sock.close()
         raise click.ClickException(str(e))
     config = ServerConfig(model_id=model_id(model), voices_dir=voices_dir, api_key=api_key,
-                          max_input_chars=max_input_chars, max_upload_bytes=int(max_upload_mb * 2**20), grace=grace)
+                          max_input_chars=max_input_chars, max_upload_bytes=int(max_upload_mb * 2**20),
+                          max_voice_seconds=max_voice_seconds, grace=grace)
     app = create_app(worker, config)
     server = draining_server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                            timeout_graceful_shutdown=grace + 5), worker, grace)

@@ -6,17 +6,19 @@ value of each) run as one `vv.stream_generate_batch` call; every other option go
 `max_batch` jobs are in progress at once: a batch cannot take new scripts once started, so a later request
 starts a batch of its own, and the thread advances every batch in progress by one event in turn. A job's `stop`
 callable is checked by the engine at each frame: a client that leaves, or a shutdown past its grace period,
-ends the job there and frees its slot.
+ends the job there and frees its slot. A task (encoding an uploaded voice) that is a generator runs one step per
+turn between those events, so that a long upload slows generation down instead of stopping it.
 """
 
 import concurrent.futures
+import inspect
 import logging
 import math
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Deque, Iterator, List, Optional
+from typing import Callable, Deque, Iterator, List, Optional, Tuple
 
 from .errors import APIError, from_generation_error
 
@@ -121,7 +123,9 @@ class Worker:
             self._cond.notify_all()
 
     def call(self, fn: Callable[[object], object]) -> concurrent.futures.Future:
-        """Run fn(pipe) on the worker thread, before the next batch (encoding an uploaded voice)."""
+        """Run fn(pipe) on the worker thread, before the next batch (encoding an uploaded voice). If fn returns a
+        generator, the worker advances it one step per turn, between the steps of the batches in progress, and
+        the future's result is the generator's return value."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._cond:
             if not self._accepting:
@@ -189,24 +193,28 @@ class Worker:
             return
         self._ready.set()
         batches: List[_Batch] = []
+        stepping: List[Tuple[Iterator, concurrent.futures.Future]] = []  # tasks that run step by step
         while True:
             task, jobs = None, None
             with self._cond:
-                while not (self._pending or self._tasks or batches or self._exit):
+                while not (self._pending or self._tasks or batches or stepping or self._exit):
                     self._cond.wait()
-                if self._exit and not (self._pending or self._tasks or batches):
+                if self._exit and not (self._pending or self._tasks or batches or stepping):
                     break
                 if self._tasks:
                     task = self._tasks.popleft()
                 else:
                     wait = self._gathering(batches)
-                    if wait > 0 and not batches:
+                    if wait > 0 and not (batches or stepping):
                         self._cond.wait(wait)  # idle: let requests that arrive together join
                     elif wait == 0:
                         jobs = self._take_batch(batches)
             try:
                 if task is not None:
-                    self._run_task(*task)
+                    self._run_task(*task, stepping)
+                for steps in list(stepping):  # one step of each task, then one event of each batch
+                    if not self._advance(*steps):
+                        stepping.remove(steps)
                 if jobs:
                     try:
                         batches.append(self._start_batch(jobs))
@@ -220,7 +228,7 @@ class Worker:
                 logger.exception("Worker error")
             with self._cond:
                 self._active = [j for b in batches for j in b.jobs if not j.done]
-                idle = not (batches or self._pending)
+                idle = not (batches or stepping or self._pending)
             if self.free_when_idle and idle and self._used:
                 self._used = False
                 self._free_memory()
@@ -262,13 +270,35 @@ class Worker:
         self._active = self._active + batch
         return batch
 
-    def _run_task(self, fn, future):
+    def _run_task(self, fn, future, stepping):
         if not future.set_running_or_notify_cancel():
             return
+        self._used = True
         try:
-            future.set_result(fn(self.pipe))
+            result = fn(self.pipe)
         except BaseException as e:  # noqa: BLE001 - handed to the caller
             future.set_exception(e)
+            return
+        if inspect.isgenerator(result):
+            stepping.append((result, future))
+        else:
+            future.set_result(result)
+
+    def _advance(self, steps, future) -> bool:
+        """One step of a task that runs step by step; False once it is over. Past the shutdown's grace it ends."""
+        if self._stop_at is not None and time.monotonic() > self._stop_at:
+            steps.close()
+            future.set_exception(ShuttingDownError())
+            return False
+        try:
+            next(steps)
+        except StopIteration as e:
+            future.set_result(e.value)
+            return False
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            future.set_exception(e)
+            return False
+        return True
 
     def _stopper(self, job: Job):
         return lambda: job.cancelled.is_set() or (self._stop_at is not None and time.monotonic() > self._stop_at)
