@@ -189,7 +189,8 @@ def test_voice_upload_refusals(server, voices):
     assert r.status == 409 and r.error["code"] == "voice_exists"
     r = server.upload_voice("noise", b"this is not audio", filename="noise.wav")
     assert r.status == 400 and r.error["code"] == "invalid_audio"
-    assert str(server.voices_dir) not in r.error["message"]
+    assert str(server.voices_dir) not in r.error["message"] and ".upload-" not in r.error["message"]
+    assert "'noise.wav'" in r.error["message"] and "''" not in r.error["message"], r.error["message"]
     r = server.upload_voice("big", b"\0" * (1024 * 1024 + 1))
     assert r.status == 413 and r.error["code"] == "file_too_large"
     assert not (server.voices_dir / "big.safetensors").exists()
@@ -230,6 +231,19 @@ def test_max_voice_seconds_caps_an_upload(tiny, tmp_path):
     with pytest.raises(APIError) as e:
         read_upload(pipe, clip, max_seconds=0.1)
     assert e.value.status == 413 and "up to 0.1 s (--max-voice-seconds)" in e.value.message
+
+
+def test_errors_name_no_server_path(server):
+    broken = server.voices_dir / "broken.safetensors"
+    broken.write_bytes(b"not a saved voice")
+    try:
+        r = server.speech(input="Speaker 1: Hi.", voice="broken", response_format="pcm", max_seconds=0.01)
+        listed = {v["id"]: v for v in server.request("GET", "/v1/voices").json()["data"]}["broken"]
+    finally:
+        broken.unlink()
+    assert r.status == 400 and "broken.safetensors is not a saved voice" in r.error["message"]
+    for message in (r.error["message"], listed["error"]):
+        assert str(server.voices_dir) not in message and str(server.voices_dir.parent.name) not in message, message
 
 
 def test_voice_delete(server, voices):

@@ -20,7 +20,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .errors import APIError
+from .errors import APIError, hide_paths
 from .speech import speech
 from .voices import (VoiceExistsError, VoiceNameError, VoiceNotFoundError, VoiceStore, check_name, encode_voice,
                      read_upload)
@@ -174,7 +174,7 @@ async def _add_voice(request: Request, worker, config: ServerConfig, store: Voic
         except VoiceExistsError as e:
             raise APIError(409, str(e), param="name", code="voice_exists")
         except ValueError as e:
-            message = str(e).splitlines()[0].replace(str(clip), repr(upload.filename or "the upload"))
+            message = hide_paths(str(e).splitlines()[0], {str(clip): upload.filename or "the upload"})
             raise APIError(400, message, param="file", code="invalid_audio")
         finally:
             clip.unlink(missing_ok=True)

@@ -19,7 +19,7 @@ import numpy as np
 from ..audio import voice_frames
 from ..constants import SAMPLE_RATE
 from ..errors import UserError
-from .errors import APIError
+from .errors import APIError, hide_paths
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class VoiceStore:
             _, meta = load_voice(path)
             info["seconds"] = round(meta["num_samples"] / meta["sample_rate"], 3)
         except (ValueError, OSError) as e:  # a broken file is listed, so that it can be deleted
-            info["error"] = str(e)
+            info["error"] = hide_paths(str(e))
         return info
 
     def list(self) -> List[Dict]:
