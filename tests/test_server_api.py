@@ -246,6 +246,23 @@ def test_errors_name_no_server_path(server):
         assert str(server.voices_dir) not in message and str(server.voices_dir.parent.name) not in message, message
 
 
+def test_a_voice_saved_by_another_model_comes_with_a_warning(server, voices):
+    from vibevoice_mlx.audio import load_voice, save_voice
+
+    latents, meta = load_voice(server.voices_dir / "alice.safetensors")
+    other = {**meta, "model": "other-model", "encoder": "0123456789abcdef"}
+    save_voice(server.voices_dir / "foreign.safetensors", latents, other)
+    try:
+        common = dict(input="Speaker 1: Hi.", response_format="pcm", seed=3, max_seconds=sh.seconds_for(2))
+        r = server.speech(voice="foreign", **common)
+        own = server.speech(voice="alice", **common)
+    finally:
+        (server.voices_dir / "foreign.safetensors").unlink()
+    assert r.status == 200 and r.body == own.body  # the same latents: the warning is the only difference
+    assert "'foreign' was saved by another model (other-model)" in r.headers["x-vibevoice-warning"]
+    assert "x-vibevoice-warning" not in own.headers
+
+
 def test_voice_delete(server, voices):
     assert server.upload_voice("carol", sh.wav_bytes(np.full(800, 0.1, np.float32))).status == 201
     r = server.request("DELETE", "/v1/voices/carol")

@@ -66,6 +66,9 @@ def create_app(worker, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="vibevoice-mlx", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.worker, app.state.config = worker, config
     app.state.voices = VoiceStore(config.voices_dir)
+    # Which acoustic encoder made a saved voice is checked against this one (see speech.foreign_voices).
+    app.state.encoder = worker.call(lambda pipe: getattr(getattr(pipe, "backend", None), "encoder_fingerprint",
+                                                         None)).result()
     app.state.started = int(time.time())
 
     @app.exception_handler(APIError)

@@ -12,6 +12,7 @@ import json
 import logging
 import secrets
 from contextlib import aclosing
+from pathlib import Path
 from typing import Optional
 
 from fastapi import Request
@@ -52,6 +53,24 @@ def resolve_voices(req: SpeechRequest, store):
             raise APIError(400, str(e), param="voices" if req.voices is not None else "voice",
                            code="voice_not_found" if isinstance(e, VoiceNotFoundError) else "invalid_value")
     return paths
+
+
+def foreign_voices(paths, encoder: Optional[str]) -> Optional[str]:
+    """A warning for the client (the library only logs it) when a saved voice was encoded by another model's
+    acoustic encoder (`encoder`: this model's fingerprint): its latents do not mean the same to this model."""
+    from ..audio import load_voice
+
+    warnings = []
+    for path in paths:
+        try:
+            _, meta = load_voice(path)
+        except ValueError:  # a broken file: generation refuses it with a 400
+            continue
+        if encoder is not None and meta.get("encoder") not in (None, encoder):
+            model = str(meta.get("model")).encode("ascii", "backslashreplace").decode()  # a header is latin-1
+            warnings.append(f"voice {Path(path).stem!r} was saved by another model ({model}): its latents do not "
+                            "mean the same to this one; upload its audio again")
+    return "; ".join(warnings) or None
 
 
 def check_request(req: SpeechRequest, config) -> None:
@@ -126,6 +145,7 @@ async def speech(request: Request):
     req = parse_speech_request(body)
     check_request(req, config)
     voices = resolve_voices(req, state.voices)
+    warning = await asyncio.to_thread(foreign_voices, voices, state.encoder)
     seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
 
     loop = asyncio.get_running_loop()
@@ -164,6 +184,8 @@ async def speech(request: Request):
     headers = {"X-VibeVoice-Seed": str(seed), "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
     if req.response_format == "pcm":
         headers["X-Sample-Rate"] = str(sample_rate)
+    if warning:
+        headers["X-VibeVoice-Warning"] = warning
     if req.stream_format == "sse":
         body_iter = _sse_stream(request, first, events, job, worker, encoder, input_tokens)
         media_type = "text/event-stream"
