@@ -263,6 +263,19 @@ def test_a_voice_saved_by_another_model_comes_with_a_warning(server, voices):
     assert "x-vibevoice-warning" not in own.headers
 
 
+def test_wav_with_stream_false_is_one_file_with_its_sizes(server):
+    import wave
+
+    common = dict(input="Speaker 1: Whole.", response_format="wav", seed=8, max_seconds=sh.seconds_for(6))
+    whole, streamed = server.speech(stream=False, **common), server.speech(**common)
+    assert whole.status == streamed.status == 200 and int(whole.headers["content-length"]) == len(whole.body)
+    with wave.open(io.BytesIO(whole.body)) as w:
+        assert w.getnframes() == 6 * sh.HOP
+    assert whole.body[44:] == streamed.body[44:] and streamed.body[4:8] == b"\xff" * 4
+    r = server.speech(stream=False, stream_format="sse", **common)
+    assert r.status == 400 and r.error["param"] == "stream"
+
+
 def test_voice_delete(server, voices):
     assert server.upload_voice("carol", sh.wav_bytes(np.full(800, 0.1, np.float32))).status == 201
     r = server.request("DELETE", "/v1/voices/carol")

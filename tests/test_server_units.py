@@ -45,6 +45,19 @@ def test_wav_header_says_unknown_length_once():
     assert np.array_equal(np.frombuffer(data[44:], "<i2"), np.round(TONE * 32767).astype("<i2"))
 
 
+def test_wav_not_streamed_has_its_true_sizes():
+    import wave
+
+    enc = encode.make_encoder("wav", stream=False)
+    assert all(enc.write(TONE[i:i + 3200]) == b"" for i in range(0, len(TONE), 3200))
+    data = enc.close()
+    assert struct.unpack("<I", data[4:8])[0] == len(data) - 8 and struct.unpack("<I", data[40:44])[0] == 48000
+    with wave.open(io.BytesIO(data)) as w:  # Python's reader takes the header's sizes as they are
+        assert w.getnframes() == 24000 and w.getframerate() == 24000
+        assert np.array_equal(np.frombuffer(w.readframes(24000), "<i2"), np.round(TONE * 32767).astype("<i2"))
+    assert encode.make_encoder("wav", stream=False).close() == encode.wav_header(num_samples=0)
+
+
 def test_pcm16_clips_and_rounds():
     got = np.frombuffer(encode.to_pcm16(np.array([-2.0, -1.0, 0.0, 0.5, 1.0, 3.0], np.float32)), "<i2")
     assert got.tolist() == [-32767, -32767, 0, 16384, 32767, 32767]

@@ -97,6 +97,9 @@ def check_request(req: SpeechRequest, config) -> None:
         raise APIError(400, f"response_format {req.response_format!r} has no encoder on this server: use one of "
                        f"{', '.join(f for f, ok in formats.items() if ok)}.", param="response_format",
                        code="unsupported_value")
+    if not req.stream and req.stream_format == "sse":
+        raise APIError(400, "stream false sends one file at the end; SSE is a stream: drop one of them.",
+                       param="stream", code="unsupported_value")
     if req.speed is not None and req.speed != 1.0:
         raise APIError(400, "VibeVoice has no speed control: omit 'speed' or send 1.0.", param="speed",
                        code="unsupported_value")
@@ -180,12 +183,15 @@ async def speech(request: Request):
                        "rephrase the script.", param="input", code="no_audio")
 
     sample_rate = getattr(worker.pipe, "sample_rate", 24000)
-    encoder = make_encoder(req.response_format, sample_rate)
+    encoder = make_encoder(req.response_format, sample_rate, stream=req.stream)
     headers = {"X-VibeVoice-Seed": str(seed), "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
     if req.response_format == "pcm":
         headers["X-Sample-Rate"] = str(sample_rate)
     if warning:
         headers["X-VibeVoice-Warning"] = warning
+    if not req.stream:
+        return await _whole_file(request, first, events, job, worker, encoder, MEDIA_TYPES[req.response_format],
+                                 headers)
     if req.stream_format == "sse":
         body_iter = _sse_stream(request, first, events, job, worker, encoder, input_tokens)
         media_type = "text/event-stream"
@@ -210,6 +216,22 @@ async def _events(request, first, events, job, worker):
         if not ended:
             logger.info("Client left mid-stream: stopping its job.")
             worker.cancel(job)
+
+
+async def _whole_file(request, first, events, job, worker, encoder, media_type, headers):
+    """The complete file in one response, with its Content-Length: nothing is sent before the end, so a failure
+    on the way is still an error status."""
+    parts, ended = [], False
+    async with aclosing(_events(request, first, events, job, worker)) as stream:
+        async for kind, payload in stream:
+            if kind == "error":
+                raise payload
+            parts.append(encoder.write(payload) if kind == "audio" else encoder.close())
+            ended = kind == "end"
+    if not ended:
+        logger.info("Client left before its file was complete.")
+        return Response(status_code=499)
+    return Response(b"".join(parts), media_type=media_type, headers=headers)
 
 
 async def _audio_stream(request, first, events, job, worker, encoder):
