@@ -320,6 +320,34 @@ def test_a_task_in_steps_runs_between_frames_and_does_not_hold_up_a_request():
         worker.stop()
 
 
+def test_a_task_with_slow_steps_takes_about_half_the_time_of_a_request():
+    engine = FakeEngine(frames=30, delay=0.004)
+    worker = make_worker(engine, batch_window=0)
+    steps = []
+
+    def encoding(pipe):  # each step costs five frames
+        for i in range(1000):
+            time.sleep(0.02)
+            steps.append(time.monotonic())
+            yield
+
+    try:
+        future = worker.call(encoding)
+        deadline = time.monotonic() + 5
+        while not steps and time.monotonic() < deadline:
+            time.sleep(0.001)
+        speech, sink = job(1)
+        worker.submit(speech)
+        start = time.monotonic()
+        assert sink.ended.wait(10) and sink.audio == [1] * 30
+        during = sum(start <= t <= time.monotonic() for t in steps)
+    finally:
+        future.cancel()
+        worker.stop()
+    # Half the time: 30 frames of 4 ms buy about 6 steps of 20 ms; one step per frame would be 30.
+    assert 1 <= during <= 15, during
+
+
 def test_a_model_that_fails_to_load_fails_start():
     def load():
         raise ValueError("no config.json")

@@ -6,8 +6,9 @@ value of each) run as one `vv.stream_generate_batch` call; every other option go
 `max_batch` jobs are in progress at once: a batch cannot take new scripts once started, so a later request
 starts a batch of its own, and the thread advances every batch in progress by one event in turn. A job's `stop`
 callable is checked by the engine at each frame: a client that leaves, or a shutdown past its grace period,
-ends the job there and frees its slot. A task (encoding an uploaded voice) that is a generator runs one step per
-turn between those events, so that a long upload slows generation down instead of stopping it.
+ends the job there and frees its slot. A task (encoding an uploaded voice) that is a generator runs step by step
+between those events, taking `TASK_SHARE` of the thread's time while speech is generated, so that a long upload
+slows generation down instead of stopping it.
 """
 
 import concurrent.futures
@@ -25,6 +26,7 @@ from .errors import APIError, from_generation_error
 logger = logging.getLogger(__name__)
 
 BATCH_WINDOW_S = 0.05  # how long an idle worker waits for requests that arrive together
+TASK_SHARE = 0.5  # of the worker's time, what step-by-step tasks get while batches are in progress
 
 
 class QueueFullError(APIError):
@@ -194,6 +196,7 @@ class Worker:
         self._ready.set()
         batches: List[_Batch] = []
         stepping: List[Tuple[Iterator, concurrent.futures.Future]] = []  # tasks that run step by step
+        owed = 0.0  # seconds of the thread the tasks may still take (a step can overdraw; generation repays it)
         while True:
             task, jobs = None, None
             with self._cond:
@@ -212,18 +215,23 @@ class Worker:
             try:
                 if task is not None:
                     self._run_task(*task, stepping)
-                for steps in list(stepping):  # one step of each task, then one event of each batch
-                    if not self._advance(*steps):
-                        stepping.remove(steps)
+                if stepping and (owed >= 0 or not batches):
+                    start = time.monotonic()
+                    for steps in list(stepping):
+                        if not self._advance(*steps):
+                            stepping.remove(steps)
+                    owed -= time.monotonic() - start
                 if jobs:
                     try:
                         batches.append(self._start_batch(jobs))
                     except Exception as e:  # noqa: BLE001 - a library that fails when called, not when iterated
                         self._batch_failed(jobs, e)
                 # One step of every batch in progress, in turn: a long request does not hold up a new one.
+                start = time.monotonic()
                 for batch in list(batches):
                     if not self._step(batch):
                         batches.remove(batch)
+                owed = owed + (time.monotonic() - start) * TASK_SHARE / (1 - TASK_SHARE) if stepping else 0.0
             except Exception:  # noqa: BLE001 - the worker must outlive any one request
                 logger.exception("Worker error")
             with self._cond:
