@@ -109,6 +109,7 @@ def serve(model, host, port, voices_dir, api_key, max_queue, max_batch, max_inpu
     with user_errors():
         VoiceStore(voices_dir)
     sock = listen_socket(host, port)
+    port = sock.getsockname()[1]  # the one the system chose for --port 0
     worker = Worker(lambda: vv.load(model, backend="mlx", dtype=dtype, tokenizer=tokenizer),
                     max_queue=max_queue, max_batch=max_batch, sampler=force_frames_sampler(force_frames))
     try:
