@@ -334,7 +334,7 @@ def test_a_task_with_slow_steps_takes_about_half_the_time_of_a_request():
     try:
         future = worker.call(encoding)
         deadline = time.monotonic() + 5
-        while not steps and time.monotonic() < deadline:
+        while len(steps) < 25 and time.monotonic() < deadline:  # alone, it takes the whole thread, owing nothing
             time.sleep(0.001)
         speech, sink = job(1)
         worker.submit(speech)
@@ -345,7 +345,7 @@ def test_a_task_with_slow_steps_takes_about_half_the_time_of_a_request():
         future.cancel()
         worker.stop()
     # Half the time: 30 frames of 4 ms buy about 6 steps of 20 ms; one step per frame would be 30.
-    assert 1 <= during <= 15, during
+    assert 4 <= during <= 15, during
 
 
 def test_a_model_that_fails_to_load_fails_start():

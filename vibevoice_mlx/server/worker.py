@@ -220,7 +220,8 @@ class Worker:
                     for steps in list(stepping):
                         if not self._advance(*steps):
                             stepping.remove(steps)
-                    owed -= time.monotonic() - start
+                    if batches:  # alone, a task owes nothing
+                        owed -= time.monotonic() - start
                 if jobs:
                     try:
                         batches.append(self._start_batch(jobs))
