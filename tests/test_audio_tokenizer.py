@@ -300,3 +300,6 @@ def test_chunked_encode_equals_one_pass(length):
     chunked = enc(x, chunk_frames=2)
     assert chunked.shape == whole.shape == (2, -(-length // 16), cfg.vae_dim)
     np.testing.assert_allclose(np.array(chunked), np.array(whole), atol=1e-5, rtol=1e-5)
+    pieces = list(enc.chunks(x, chunk_frames=2))  # what the server steps through between frames
+    assert len(pieces) == -(-(length // 16) // 2) + (length % 16 > 0)
+    assert np.array_equal(np.array(mx.concatenate(pieces, axis=1)), np.array(chunked))

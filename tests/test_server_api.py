@@ -189,10 +189,91 @@ def test_voice_upload_refusals(server, voices):
     assert r.status == 409 and r.error["code"] == "voice_exists"
     r = server.upload_voice("noise", b"this is not audio", filename="noise.wav")
     assert r.status == 400 and r.error["code"] == "invalid_audio"
-    assert str(server.voices_dir) not in r.error["message"]
+    assert str(server.voices_dir) not in r.error["message"] and ".upload-" not in r.error["message"]
+    assert "'noise.wav'" in r.error["message"] and "''" not in r.error["message"], r.error["message"]
     r = server.upload_voice("big", b"\0" * (1024 * 1024 + 1))
     assert r.status == 413 and r.error["code"] == "file_too_large"
     assert not (server.voices_dir / "big.safetensors").exists()
+
+
+def test_an_upload_is_encoded_as_the_library_encodes_a_voice(server, tiny, tmp_path):
+    import vibevoice_mlx as vv
+    from vibevoice_mlx.audio import load_voice
+
+    clip = tmp_path / "dora.wav"  # 300 frames of the tiny model: the server encodes it in 19 steps
+    clip.write_bytes(sh.wav_bytes(0.1 * np.random.default_rng(4).standard_normal(4800).astype(np.float32)))
+    assert server.upload_voice("dora", clip.read_bytes(), filename="dora.wav").status == 201
+    want = vv.save_voice(sh.pipe(tiny, tmp_path), str(clip), str(tmp_path / "dora.safetensors"))
+    got = load_voice(server.voices_dir / "dora.safetensors")
+    assert np.array_equal(got[0], load_voice(want)[0]) and got[1]["num_samples"] == 4800
+    assert server.request("DELETE", "/v1/voices/dora").status == 200
+
+
+def test_a_voice_longer_than_the_context_takes_is_refused_at_upload(server):
+    # 2 s is 3000 frames of the tiny model (hop 16): more than half its context of 4096 tokens.
+    clip = sh.wav_bytes(0.1 * np.random.default_rng(5).standard_normal(48000).astype(np.float32))
+    r = server.upload_voice("long", clip)
+    assert r.status == 413 and r.error["code"] == "voice_too_long" and r.error["param"] == "file"
+    assert "2.0 s" in r.error["message"] and "context of 4096 tokens" in r.error["message"]
+    assert not (server.voices_dir / "long.safetensors").exists()
+    assert not any(p.name.startswith(".upload") for p in server.voices_dir.iterdir())
+
+
+def test_max_voice_seconds_caps_an_upload(tiny, tmp_path):
+    from vibevoice_mlx.server.errors import APIError
+    from vibevoice_mlx.server.voices import read_upload
+
+    pipe = sh.pipe(tiny, tmp_path)
+    clip = tmp_path / "clip.flac"
+    clip.write_bytes(sh.wav_bytes(0.1 * np.random.default_rng(6).standard_normal(3600).astype(np.float32),
+                                  fmt="FLAC"))
+    assert len(read_upload(pipe, clip, max_seconds=0.15)) == 3600
+    with pytest.raises(APIError) as e:
+        read_upload(pipe, clip, max_seconds=0.1)
+    assert e.value.status == 413 and "up to 0.1 s (--max-voice-seconds)" in e.value.message
+
+
+def test_errors_name_no_server_path(server):
+    broken = server.voices_dir / "broken.safetensors"
+    broken.write_bytes(b"not a saved voice")
+    try:
+        r = server.speech(input="Speaker 1: Hi.", voice="broken", response_format="pcm", max_seconds=0.01)
+        listed = {v["id"]: v for v in server.request("GET", "/v1/voices").json()["data"]}["broken"]
+    finally:
+        broken.unlink()
+    assert r.status == 400 and "broken.safetensors is not a saved voice" in r.error["message"]
+    for message in (r.error["message"], listed["error"]):
+        assert str(server.voices_dir) not in message and str(server.voices_dir.parent.name) not in message, message
+
+
+def test_a_voice_saved_by_another_model_comes_with_a_warning(server, voices):
+    from vibevoice_mlx.audio import load_voice, save_voice
+
+    latents, meta = load_voice(server.voices_dir / "alice.safetensors")
+    other = {**meta, "model": "other-model", "encoder": "0123456789abcdef"}
+    save_voice(server.voices_dir / "foreign.safetensors", latents, other)
+    try:
+        common = dict(input="Speaker 1: Hi.", response_format="pcm", seed=3, max_seconds=sh.seconds_for(2))
+        r = server.speech(voice="foreign", **common)
+        own = server.speech(voice="alice", **common)
+    finally:
+        (server.voices_dir / "foreign.safetensors").unlink()
+    assert r.status == 200 and r.body == own.body  # the same latents: the warning is the only difference
+    assert "'foreign' was saved by another model (other-model)" in r.headers["x-vibevoice-warning"]
+    assert "x-vibevoice-warning" not in own.headers
+
+
+def test_wav_with_stream_false_is_one_file_with_its_sizes(server):
+    import wave
+
+    common = dict(input="Speaker 1: Whole.", response_format="wav", seed=8, max_seconds=sh.seconds_for(6))
+    whole, streamed = server.speech(stream=False, **common), server.speech(**common)
+    assert whole.status == streamed.status == 200 and int(whole.headers["content-length"]) == len(whole.body)
+    with wave.open(io.BytesIO(whole.body)) as w:
+        assert w.getnframes() == 6 * sh.HOP
+    assert whole.body[44:] == streamed.body[44:] and streamed.body[4:8] == b"\xff" * 4
+    r = server.speech(stream=False, stream_format="sse", **common)
+    assert r.status == 400 and r.error["param"] == "stream"
 
 
 def test_voice_delete(server, voices):

@@ -45,6 +45,19 @@ def test_wav_header_says_unknown_length_once():
     assert np.array_equal(np.frombuffer(data[44:], "<i2"), np.round(TONE * 32767).astype("<i2"))
 
 
+def test_wav_not_streamed_has_its_true_sizes():
+    import wave
+
+    enc = encode.make_encoder("wav", stream=False)
+    assert all(enc.write(TONE[i:i + 3200]) == b"" for i in range(0, len(TONE), 3200))
+    data = enc.close()
+    assert struct.unpack("<I", data[4:8])[0] == len(data) - 8 and struct.unpack("<I", data[40:44])[0] == 48000
+    with wave.open(io.BytesIO(data)) as w:  # Python's reader takes the header's sizes as they are
+        assert w.getnframes() == 24000 and w.getframerate() == 24000
+        assert np.array_equal(np.frombuffer(w.readframes(24000), "<i2"), np.round(TONE * 32767).astype("<i2"))
+    assert encode.make_encoder("wav", stream=False).close() == encode.wav_header(num_samples=0)
+
+
 def test_pcm16_clips_and_rounds():
     got = np.frombuffer(encode.to_pcm16(np.array([-2.0, -1.0, 0.0, 0.5, 1.0, 3.0], np.float32)), "<i2")
     assert got.tolist() == [-32767, -32767, 0, 16384, 32767, 32767]
@@ -278,6 +291,63 @@ def test_drain_refuses_queued_jobs_and_ends_running_ones_after_the_grace():
     assert wait_sink.last[0] == "error" and wait_sink.last[1].status == 503
 
 
+def test_a_task_in_steps_runs_between_frames_and_does_not_hold_up_a_request():
+    engine = FakeEngine(frames=5, delay=0.002)
+    worker = make_worker(engine, max_batch=2, batch_window=0)
+    steps_done = []
+
+    def encoding(pipe):  # stands in for encoding a long voice upload, chunk by chunk
+        for i in range(200):
+            time.sleep(0.002)
+            steps_done.append(i)
+            yield
+        return f"encoded with {pipe}"
+
+    try:
+        future = worker.call(encoding)
+        deadline = time.monotonic() + 5
+        while not steps_done and time.monotonic() < deadline:
+            time.sleep(0.001)
+        speech, sink = job(1)
+        worker.submit(speech)
+        assert sink.ended.wait(5) and sink.last[0] == "end" and sink.audio == [1] * 5
+        assert not future.done() and len(steps_done) < 100  # the request ended while the encoding went on
+        assert future.result(5) == "encoded with pipe" and len(steps_done) == 200
+        failing = worker.call(lambda pipe: (x for x in [1, 2] if x / 0))
+        with pytest.raises(ZeroDivisionError):
+            failing.result(5)
+    finally:
+        worker.stop()
+
+
+def test_a_task_with_slow_steps_takes_about_half_the_time_of_a_request():
+    engine = FakeEngine(frames=30, delay=0.004)
+    worker = make_worker(engine, batch_window=0)
+    steps = []
+
+    def encoding(pipe):  # each step costs five frames
+        for i in range(1000):
+            time.sleep(0.02)
+            steps.append(time.monotonic())
+            yield
+
+    try:
+        future = worker.call(encoding)
+        deadline = time.monotonic() + 5
+        while len(steps) < 25 and time.monotonic() < deadline:  # alone, it takes the whole thread, owing nothing
+            time.sleep(0.001)
+        speech, sink = job(1)
+        worker.submit(speech)
+        start = time.monotonic()
+        assert sink.ended.wait(10) and sink.audio == [1] * 30
+        during = sum(start <= t <= time.monotonic() for t in steps)
+    finally:
+        future.cancel()
+        worker.stop()
+    # Half the time: 30 frames of 4 ms buy about 6 steps of 20 ms; one step per frame would be 30.
+    assert 4 <= during <= 15, during
+
+
 def test_a_model_that_fails_to_load_fails_start():
     def load():
         raise ValueError("no config.json")
@@ -293,3 +363,54 @@ def test_serve_with_a_bad_model_is_a_one_line_error(tmp_path):
 
     result = CliRunner().invoke(serve, ["--model", str(tmp_path), "--voices-dir", str(tmp_path / "v")])
     assert result.exit_code == 1 and "No config.json" in result.output and "Traceback" not in result.output
+
+
+# --- serve's checks before the model loads ------------------------------------------------------------------
+
+
+def run_serve(*args):
+    """serve with a folder that is no model: an error about anything else was found before loading."""
+    from click.testing import CliRunner
+
+    from vibevoice_mlx.server.cli import serve
+
+    return CliRunner().invoke(serve, ["--model", "not-a-model-folder", *args])
+
+
+@pytest.mark.parametrize("option", ["--max-upload-mb", "--grace"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_serve_refuses_options_that_are_not_finite(tmp_path, option, value):
+    result = run_serve("--voices-dir", str(tmp_path), option, value)
+    assert result.exit_code == 2 and f"'{option}'" in result.output and "finite" in result.output, result.output
+
+
+def test_serve_refuses_a_port_in_use_before_loading(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_serve("--voices-dir", str(tmp_path), "--port", str(port))
+    assert result.exit_code == 1 and f"127.0.0.1:{port}" in result.output and "--port" in result.output
+    assert "config.json" not in result.output and "Traceback" not in result.output
+
+
+def test_serve_refuses_a_voices_dir_it_cannot_write_before_loading(tmp_path, monkeypatch):
+    import errno
+    import os
+    import tempfile
+
+    voices = tmp_path / "voices"
+    voices.mkdir()
+    voices.chmod(0o555)
+    if os.geteuid() == 0:  # root writes through mode bits: what stops it is a read-only mount, as here
+        def read_only(*args, **kwargs):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+        monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    result = run_serve("--voices-dir", str(voices))
+    voices.chmod(0o755)
+    said = result.output.lower()
+    assert result.exit_code == 1 and "--voices-dir" in said and ("read-only" in said or "permission" in said), said
+    assert "config.json" not in result.output and "Traceback" not in result.output

@@ -16,7 +16,7 @@ without promoting the activations. Inputs are cast to the weight dtype; latents 
 import logging
 import math
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -218,19 +218,25 @@ class TokenizerEncoder(_Streaming):
         `compile=True` runs each chunk through mx.compile, which fuses its elementwise ops (~30 % faster on the
         CPU; traced once per chunk length).
         """
+        out = list(self.chunks(x, chunk_frames, compile))
+        return out[0] if len(out) == 1 else mx.concatenate(out, axis=1)
+
+    def chunks(self, x: mx.array, chunk_frames: Optional[int] = 16, compile: bool = False) -> Iterator[mx.array]:
+        """`__call__` piece by piece: the means of each chunk in turn, evaluated but the last, so that a caller can
+        do other work between chunks (the server generates speech while it encodes an upload)."""
         hop = self.hop_length
         run = self._compiled if compile else self._run
         if chunk_frames is None or x.shape[1] <= chunk_frames * hop:
-            return run(x, None)[0]
-        state, out = self.make_state(x.shape[0]), []
+            yield run(x, None)[0]
+            return
+        state = self.make_state(x.shape[0])
         full = x.shape[1] // hop * hop
         for start in range(0, full, chunk_frames * hop):
             y, state = run(x[:, start : min(start + chunk_frames * hop, full)], state)
             mx.eval(y, state)
-            out.append(y)
+            yield y
         if full < x.shape[1]:
-            out.append(run(x[:, full:], state, final=True)[0])
-        return mx.concatenate(out, axis=1)
+            yield run(x[:, full:], state, final=True)[0]
 
     def _compiled(self, x: mx.array, state: Optional[List[mx.array]], final: bool = False):
         key = (state is None, final)

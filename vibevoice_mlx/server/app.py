@@ -20,9 +20,10 @@ from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .errors import APIError
+from .errors import APIError, hide_paths
 from .speech import speech
-from .voices import VoiceExistsError, VoiceNameError, VoiceNotFoundError, VoiceStore, check_name
+from .voices import (VoiceExistsError, VoiceNameError, VoiceNotFoundError, VoiceStore, check_name, encode_voice,
+                     read_upload)
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class ServerConfig:
     api_key: Optional[str] = None
     max_input_chars: int = 4096
     max_upload_bytes: int = 20 * 2**20
+    max_voice_seconds: float = 60.0  # and at most half the model's context
     grace: float = 10.0  # seconds running streams get to finish on shutdown
 
 
@@ -64,6 +66,9 @@ def create_app(worker, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="vibevoice-mlx", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.worker, app.state.config = worker, config
     app.state.voices = VoiceStore(config.voices_dir)
+    # Which acoustic encoder made a saved voice is checked against this one (see speech.foreign_voices).
+    app.state.encoder = worker.call(lambda pipe: getattr(getattr(pipe, "backend", None), "encoder_fingerprint",
+                                                         None)).result()
     app.state.started = int(time.time())
 
     @app.exception_handler(APIError)
@@ -161,14 +166,18 @@ async def _add_voice(request: Request, worker, config: ServerConfig, store: Voic
         clip = store.temp_path(Path(upload.filename or "").suffix)
         try:
             await asyncio.to_thread(_copy, upload.file, clip)
-            # Encoding runs on the worker thread, the only one that touches the model.
-            future = worker.call(lambda pipe: store.add(
-                name, lambda target: vv.save_voice(pipe, str(clip), str(target), force=True), overwrite))
-            return await asyncio.wrap_future(future)
+            audio = await asyncio.to_thread(read_upload, worker.pipe, clip, config.max_voice_seconds)
+
+            def save(pipe):  # on the worker thread, the only one that touches the model, a chunk per step
+                latents = yield from encode_voice(pipe, audio)
+                return store.add(name, lambda target: vv.save_voice(pipe, audio, str(target), force=True,
+                                                                    latents=latents), overwrite)
+
+            return await asyncio.wrap_future(worker.call(save))
         except VoiceExistsError as e:
             raise APIError(409, str(e), param="name", code="voice_exists")
         except ValueError as e:
-            message = str(e).splitlines()[0].replace(str(clip), repr(upload.filename or "the upload"))
+            message = hide_paths(str(e).splitlines()[0], {str(clip): upload.filename or "the upload"})
             raise APIError(400, message, param="file", code="invalid_audio")
         finally:
             clip.unlink(missing_ok=True)

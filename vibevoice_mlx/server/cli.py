@@ -5,11 +5,16 @@ On SIGTERM or Ctrl-C the server stops accepting connections, refuses what is que
 `--grace` seconds to finish and then ends them cleanly (a complete file, or SSE's done event).
 """
 
+import errno
 import logging
+import math
 import os
+import socket
 from pathlib import Path
 
 import click
+
+from ..errors import CLIError, user_errors
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +29,28 @@ def default_voices_dir() -> Path:
 def force_frames(logits, token_ids):
     """A testing aid: always choose speech_diffusion (a random test model rarely does on its own)."""
     return token_ids[2]
+
+
+def finite(ctx, param, value):
+    """click's FloatRange lets nan and inf through; an option that sizes or times something needs a number."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number.")
+    return value
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads, so that a port in use is said at once (uvicorn would
+    say so only after the load). Bound as uvicorn binds: IPv6 for an address with ':', SO_REUSEADDR."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        fix = "stop what listens there or choose another --port" if e.errno == errno.EADDRINUSE else \
+            "choose another --host or --port"
+        raise CLIError(f"Cannot listen on {host}:{port} ({e.strerror or e}): {fix}.") from None
+    return sock
 
 
 def model_id(model: str) -> str:
@@ -46,18 +73,20 @@ def model_id(model: str) -> str:
 @click.option("--max-input-chars", default=4096, show_default=True, type=click.IntRange(1),
               help="Longest 'input' accepted (OpenAI's limit by default).")
 @click.option("--max-upload-mb", default=20.0, show_default=True, type=click.FloatRange(0, min_open=True),
-              help="Largest voice upload.")
+              callback=finite, help="Largest voice upload.")
+@click.option("--max-voice-seconds", default=60.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              callback=finite, help="Longest voice upload (and at most half the model's context).")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]),
               help="Compute dtype (default: float16 on a GPU, float32 on the CPU).")
 @click.option("--tokenizer", help="Tokenizer folder or repo id, when the model folder has none.")
-@click.option("--grace", default=10.0, show_default=True, type=click.FloatRange(0),
+@click.option("--grace", default=10.0, show_default=True, type=click.FloatRange(0), callback=finite,
               help="Seconds running streams get to finish on shutdown.")
 @click.option("--force-frames", is_flag=True, hidden=True,
               help="Testing aid: always generate speech frames (for random test models).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
-def serve(model, host, port, voices_dir, api_key, max_queue, max_batch, max_input_chars, max_upload_mb, dtype,
-          tokenizer, grace, force_frames, log_level):
+def serve(model, host, port, voices_dir, api_key, max_queue, max_batch, max_input_chars, max_upload_mb,
+          max_voice_seconds, dtype, tokenizer, grace, force_frames, log_level):
     """Serve the OpenAI speech API (POST /v1/audio/speech), saved voices and a playground page at /."""
     try:
         import fastapi  # noqa: F401
@@ -69,24 +98,33 @@ def serve(model, host, port, voices_dir, api_key, max_queue, max_batch, max_inpu
     import vibevoice_mlx as vv
 
     from .app import ServerConfig, create_app
+    from .voices import VoiceStore
     from .worker import Worker
 
     logging.getLogger("vibevoice_mlx").setLevel(log_level.upper())
     if host not in LOOPBACK and not api_key:
         logger.warning("Serving on %s without --api-key: anyone who can reach this address can use it.", host)
+    # What can be checked without the model is checked before the minutes its load takes.
+    voices_dir = voices_dir or default_voices_dir()
+    with user_errors():
+        VoiceStore(voices_dir)
+    sock = listen_socket(host, port)
+    port = sock.getsockname()[1]  # the one the system chose for --port 0
     worker = Worker(lambda: vv.load(model, backend="mlx", dtype=dtype, tokenizer=tokenizer),
                     max_queue=max_queue, max_batch=max_batch, sampler=force_frames_sampler(force_frames))
     try:
         worker.start()
     except (ValueError, OSError) as e:  # the loader's errors (LoadError is a ValueError) and missing files
+        sock.close()
         raise click.ClickException(str(e))
-    config = ServerConfig(model_id=model_id(model), voices_dir=voices_dir or default_voices_dir(), api_key=api_key,
-                          max_input_chars=max_input_chars, max_upload_bytes=int(max_upload_mb * 2**20), grace=grace)
+    config = ServerConfig(model_id=model_id(model), voices_dir=voices_dir, api_key=api_key,
+                          max_input_chars=max_input_chars, max_upload_bytes=int(max_upload_mb * 2**20),
+                          max_voice_seconds=max_voice_seconds, grace=grace)
     app = create_app(worker, config)
     server = draining_server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                            timeout_graceful_shutdown=grace + 5), worker, grace)
     logger.info("Voices in %s; playground at http://%s:%d/", config.voices_dir, host, port)
-    server.run()
+    server.run(sockets=[sock])
 
 
 def force_frames_sampler(enabled: bool):

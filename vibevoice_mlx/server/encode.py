@@ -4,7 +4,8 @@ Each response is one file sent as it is made, never a file per chunk. wav and pc
 directly (the WAV header gives its sizes as 0xFFFFFFFF, "unknown", the usual header of a streamed WAV). mp3 and
 opus go through libsndfile (LAME, libopus) writing into `_Sink`; flac too, but libFLAC only writes the stream's
 length and MD5 into its header when it closes, and libsndfile-based readers refuse a FLAC without them, so flac
-is sent in one piece when the audio is complete.
+is sent in one piece when the audio is complete. With `stream=False` every format is held until the end, so its
+header carries the true length (a WAV's sizes, LAME's header of an mp3).
 """
 
 import logging
@@ -45,12 +46,14 @@ def to_pcm16(audio: np.ndarray) -> bytes:
     return np.round(x * 32767.0).astype("<i2").tobytes()
 
 
-def wav_header(sample_rate: int = SAMPLE_RATE) -> bytes:
-    """A mono 16-bit WAV header for a stream of unknown length (RIFF and data sizes 0xFFFFFFFF)."""
-    unknown = 0xFFFFFFFF
+def wav_header(sample_rate: int = SAMPLE_RATE, num_samples: Optional[int] = None) -> bytes:
+    """A mono 16-bit WAV header for `num_samples` samples, or, without it, for a stream of unknown length (RIFF
+    and data sizes 0xFFFFFFFF)."""
     fmt = struct.pack("<HHIIHH", 1, 1, sample_rate, sample_rate * 2, 2, 16)
-    return b"RIFF" + struct.pack("<I", unknown) + b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + \
-        b"data" + struct.pack("<I", unknown)
+    data = 0xFFFFFFFF if num_samples is None else 2 * num_samples
+    riff = 0xFFFFFFFF if num_samples is None else 4 + 8 + len(fmt) + 8 + data
+    return b"RIFF" + struct.pack("<I", riff) + b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + \
+        b"data" + struct.pack("<I", data)
 
 
 class Encoder:
@@ -69,18 +72,27 @@ class Encoder:
 
 
 class WavEncoder(Encoder):
-    def __init__(self, sample_rate: int = SAMPLE_RATE):
+    """`stream=False` holds the samples back until close, to write the header with their true sizes."""
+
+    def __init__(self, sample_rate: int = SAMPLE_RATE, stream: bool = True):
         super().__init__(sample_rate)
-        self._header: Optional[bytes] = wav_header(sample_rate)
+        self._header: Optional[bytes] = wav_header(sample_rate) if stream else None
+        self._held: Optional[bytearray] = None if stream else bytearray()
 
     def _take_header(self) -> bytes:
         header, self._header = self._header or b"", None
         return header
 
     def write(self, audio: np.ndarray) -> bytes:
+        if self._held is not None:
+            self._held += super().write(audio)
+            return b""
         return self._take_header() + super().write(audio)
 
     def close(self) -> bytes:
+        if self._held is not None:
+            data, self._held = bytes(self._held), None
+            return wav_header(self.sample_rate, self.samples) + data
         return self._take_header()  # an empty stream is still a valid (empty) file
 
 
@@ -129,12 +141,12 @@ class _Sink:
 
 
 class SndfileEncoder(Encoder):
-    """mp3, opus or flac through libsndfile. `progressive=False` holds every byte back until close."""
+    """mp3, opus or flac through libsndfile. `stream=False` (always for flac) holds every byte back until close."""
 
-    def __init__(self, response_format: str, sample_rate: int = SAMPLE_RATE):
+    def __init__(self, response_format: str, sample_rate: int = SAMPLE_RATE, stream: bool = True):
         super().__init__(sample_rate)
         major, subtype = _SNDFILE[response_format]
-        self.progressive = response_format != "flac"
+        self.progressive = stream and response_format != "flac"
         self._sink = _Sink()
         extra = {}
         if response_format == "mp3":
@@ -154,11 +166,12 @@ class SndfileEncoder(Encoder):
         return self._sink.take()
 
 
-def make_encoder(response_format: str, sample_rate: int = SAMPLE_RATE) -> Encoder:
+def make_encoder(response_format: str, sample_rate: int = SAMPLE_RATE, stream: bool = True) -> Encoder:
+    """The encoder of a response; `stream=False`: the whole file comes from close(), with its true length."""
     if response_format == "pcm":
-        return Encoder(sample_rate)
+        return Encoder(sample_rate)  # no header: the same bytes either way
     if response_format == "wav":
-        return WavEncoder(sample_rate)
+        return WavEncoder(sample_rate, stream)
     if response_format in _SNDFILE:
-        return SndfileEncoder(response_format, sample_rate)
+        return SndfileEncoder(response_format, sample_rate, stream)
     raise ValueError(f"No encoder for response_format {response_format!r}")

@@ -26,8 +26,9 @@ class VoiceRef(BaseModel):
 
 class SpeechRequest(BaseModel):
     """OpenAI's speech request; `voices`, `steps`, `cfg_scale`, `seed`, `temperature`, `top_p` and
-    `max_seconds` are VibeVoice's (the `say` options of the same names). Unknown fields are refused.
-    Defaults are the library's (`vv.GenerationConfig`)."""
+    `max_seconds` are VibeVoice's (the `say` options of the same names), and `stream` (False: the whole file at
+    the end, its header with the true length). Unknown fields are refused. Defaults are the library's
+    (`vv.GenerationConfig`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -39,6 +40,7 @@ class SpeechRequest(BaseModel):
     response_format: str = "mp3"
     speed: Optional[float] = None
     stream_format: Literal["audio", "sse"] = "audio"
+    stream: bool = True
     # None: the model's own defaults (its generation_config.json, else the library's).
     steps: Optional[int] = Field(None, ge=1, le=100)
     cfg_scale: Optional[float] = Field(None, ge=0, le=100)

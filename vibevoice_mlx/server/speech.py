@@ -12,6 +12,7 @@ import json
 import logging
 import secrets
 from contextlib import aclosing
+from pathlib import Path
 from typing import Optional
 
 from fastapi import Request
@@ -54,6 +55,24 @@ def resolve_voices(req: SpeechRequest, store):
     return paths
 
 
+def foreign_voices(paths, encoder: Optional[str]) -> Optional[str]:
+    """A warning for the client (the library only logs it) when a saved voice was encoded by another model's
+    acoustic encoder (`encoder`: this model's fingerprint): its latents do not mean the same to this model."""
+    from ..audio import load_voice
+
+    warnings = []
+    for path in paths:
+        try:
+            _, meta = load_voice(path)
+        except ValueError:  # a broken file: generation refuses it with a 400
+            continue
+        if encoder is not None and meta.get("encoder") not in (None, encoder):
+            model = str(meta.get("model")).encode("ascii", "backslashreplace").decode()  # a header is latin-1
+            warnings.append(f"voice {Path(path).stem!r} was saved by another model ({model}): its latents do not "
+                            "mean the same to this one; upload its audio again")
+    return "; ".join(warnings) or None
+
+
 def check_request(req: SpeechRequest, config) -> None:
     if req.model not in OPENAI_MODELS | {config.model_id}:
         raise APIError(404, f"The model {req.model!r} is not served here; this server runs {config.model_id!r} "
@@ -78,6 +97,9 @@ def check_request(req: SpeechRequest, config) -> None:
         raise APIError(400, f"response_format {req.response_format!r} has no encoder on this server: use one of "
                        f"{', '.join(f for f, ok in formats.items() if ok)}.", param="response_format",
                        code="unsupported_value")
+    if not req.stream and req.stream_format == "sse":
+        raise APIError(400, "stream false sends one file at the end; SSE is a stream: drop one of them.",
+                       param="stream", code="unsupported_value")
     if req.speed is not None and req.speed != 1.0:
         raise APIError(400, "VibeVoice has no speed control: omit 'speed' or send 1.0.", param="speed",
                        code="unsupported_value")
@@ -126,6 +148,7 @@ async def speech(request: Request):
     req = parse_speech_request(body)
     check_request(req, config)
     voices = resolve_voices(req, state.voices)
+    warning = await asyncio.to_thread(foreign_voices, voices, state.encoder)
     seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
 
     loop = asyncio.get_running_loop()
@@ -160,10 +183,15 @@ async def speech(request: Request):
                        "rephrase the script.", param="input", code="no_audio")
 
     sample_rate = getattr(worker.pipe, "sample_rate", 24000)
-    encoder = make_encoder(req.response_format, sample_rate)
+    encoder = make_encoder(req.response_format, sample_rate, stream=req.stream)
     headers = {"X-VibeVoice-Seed": str(seed), "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
     if req.response_format == "pcm":
         headers["X-Sample-Rate"] = str(sample_rate)
+    if warning:
+        headers["X-VibeVoice-Warning"] = warning
+    if not req.stream:
+        return await _whole_file(request, first, events, job, worker, encoder, MEDIA_TYPES[req.response_format],
+                                 headers)
     if req.stream_format == "sse":
         body_iter = _sse_stream(request, first, events, job, worker, encoder, input_tokens)
         media_type = "text/event-stream"
@@ -188,6 +216,22 @@ async def _events(request, first, events, job, worker):
         if not ended:
             logger.info("Client left mid-stream: stopping its job.")
             worker.cancel(job)
+
+
+async def _whole_file(request, first, events, job, worker, encoder, media_type, headers):
+    """The complete file in one response, with its Content-Length: nothing is sent before the end, so a failure
+    on the way is still an error status."""
+    parts, ended = [], False
+    async with aclosing(_events(request, first, events, job, worker)) as stream:
+        async for kind, payload in stream:
+            if kind == "error":
+                raise payload
+            parts.append(encoder.write(payload) if kind == "audio" else encoder.close())
+            ended = kind == "end"
+    if not ended:
+        logger.info("Client left before its file was complete.")
+        return Response(status_code=499)
+    return Response(b"".join(parts), media_type=media_type, headers=headers)
 
 
 async def _audio_stream(request, first, events, job, worker, encoder):

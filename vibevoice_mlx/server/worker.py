@@ -6,23 +6,27 @@ value of each) run as one `vv.stream_generate_batch` call; every other option go
 `max_batch` jobs are in progress at once: a batch cannot take new scripts once started, so a later request
 starts a batch of its own, and the thread advances every batch in progress by one event in turn. A job's `stop`
 callable is checked by the engine at each frame: a client that leaves, or a shutdown past its grace period,
-ends the job there and frees its slot.
+ends the job there and frees its slot. A task (encoding an uploaded voice) that is a generator runs step by step
+between those events, taking `TASK_SHARE` of the thread's time while speech is generated, so that a long upload
+slows generation down instead of stopping it.
 """
 
 import concurrent.futures
+import inspect
 import logging
 import math
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Deque, Iterator, List, Optional
+from typing import Callable, Deque, Iterator, List, Optional, Tuple
 
 from .errors import APIError, from_generation_error
 
 logger = logging.getLogger(__name__)
 
 BATCH_WINDOW_S = 0.05  # how long an idle worker waits for requests that arrive together
+TASK_SHARE = 0.5  # of the worker's time, what step-by-step tasks get while batches are in progress
 
 
 class QueueFullError(APIError):
@@ -121,7 +125,9 @@ class Worker:
             self._cond.notify_all()
 
     def call(self, fn: Callable[[object], object]) -> concurrent.futures.Future:
-        """Run fn(pipe) on the worker thread, before the next batch (encoding an uploaded voice)."""
+        """Run fn(pipe) on the worker thread, before the next batch (encoding an uploaded voice). If fn returns a
+        generator, the worker advances it one step per turn, between the steps of the batches in progress, and
+        the future's result is the generator's return value."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._cond:
             if not self._accepting:
@@ -189,38 +195,49 @@ class Worker:
             return
         self._ready.set()
         batches: List[_Batch] = []
+        stepping: List[Tuple[Iterator, concurrent.futures.Future]] = []  # tasks that run step by step
+        owed = 0.0  # seconds of the thread the tasks may still take (a step can overdraw; generation repays it)
         while True:
             task, jobs = None, None
             with self._cond:
-                while not (self._pending or self._tasks or batches or self._exit):
+                while not (self._pending or self._tasks or batches or stepping or self._exit):
                     self._cond.wait()
-                if self._exit and not (self._pending or self._tasks or batches):
+                if self._exit and not (self._pending or self._tasks or batches or stepping):
                     break
                 if self._tasks:
                     task = self._tasks.popleft()
                 else:
                     wait = self._gathering(batches)
-                    if wait > 0 and not batches:
+                    if wait > 0 and not (batches or stepping):
                         self._cond.wait(wait)  # idle: let requests that arrive together join
                     elif wait == 0:
                         jobs = self._take_batch(batches)
             try:
                 if task is not None:
-                    self._run_task(*task)
+                    self._run_task(*task, stepping)
+                if stepping and (owed >= 0 or not batches):
+                    start = time.monotonic()
+                    for steps in list(stepping):
+                        if not self._advance(*steps):
+                            stepping.remove(steps)
+                    if batches:  # alone, a task owes nothing
+                        owed -= time.monotonic() - start
                 if jobs:
                     try:
                         batches.append(self._start_batch(jobs))
                     except Exception as e:  # noqa: BLE001 - a library that fails when called, not when iterated
                         self._batch_failed(jobs, e)
                 # One step of every batch in progress, in turn: a long request does not hold up a new one.
+                start = time.monotonic()
                 for batch in list(batches):
                     if not self._step(batch):
                         batches.remove(batch)
+                owed = owed + (time.monotonic() - start) * TASK_SHARE / (1 - TASK_SHARE) if stepping else 0.0
             except Exception:  # noqa: BLE001 - the worker must outlive any one request
                 logger.exception("Worker error")
             with self._cond:
                 self._active = [j for b in batches for j in b.jobs if not j.done]
-                idle = not (batches or self._pending)
+                idle = not (batches or stepping or self._pending)
             if self.free_when_idle and idle and self._used:
                 self._used = False
                 self._free_memory()
@@ -262,13 +279,35 @@ class Worker:
         self._active = self._active + batch
         return batch
 
-    def _run_task(self, fn, future):
+    def _run_task(self, fn, future, stepping):
         if not future.set_running_or_notify_cancel():
             return
+        self._used = True
         try:
-            future.set_result(fn(self.pipe))
+            result = fn(self.pipe)
         except BaseException as e:  # noqa: BLE001 - handed to the caller
             future.set_exception(e)
+            return
+        if inspect.isgenerator(result):
+            stepping.append((result, future))
+        else:
+            future.set_result(result)
+
+    def _advance(self, steps, future) -> bool:
+        """One step of a task that runs step by step; False once it is over. Past the shutdown's grace it ends."""
+        if self._stop_at is not None and time.monotonic() > self._stop_at:
+            steps.close()
+            future.set_exception(ShuttingDownError())
+            return False
+        try:
+            next(steps)
+        except StopIteration as e:
+            future.set_result(e.value)
+            return False
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            future.set_exception(e)
+            return False
+        return True
 
     def _stopper(self, job: Job):
         return lambda: job.cancelled.is_set() or (self._stop_at is not None and time.monotonic() > self._stop_at)

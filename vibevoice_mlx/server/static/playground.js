@@ -175,6 +175,7 @@ async function generate() {
     });
     if (!resp.ok) throw new Error(await errorMessage(resp));
     vv.seed = resp.headers.get("X-VibeVoice-Seed");
+    vv.warning = resp.headers.get("X-VibeVoice-Warning");  // a voice saved by another model
     setState("streaming", "Generating…");
     const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
     let buffer = "";
@@ -219,7 +220,7 @@ async function generate() {
     $("download").href = url;
     $("result").hidden = false;
     setState("done", `Done: ${(vv.samples / SAMPLE_RATE).toFixed(2)} s of audio, seed ${done.seed}` +
-      (done.truncated ? " (cut at the limit)" : ""));
+      (done.truncated ? " (cut at the limit)" : "") + (vv.warning ? `. Warning: ${vv.warning}.` : ""));
   } catch (e) {
     if (e.name === "AbortError") {
       setState("stopped", "Stopped.");
