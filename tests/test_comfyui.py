@@ -105,6 +105,15 @@ def test_install_writes_a_tiny_loader_that_comfyui_loads(tmp_path, monkeypatch):
     assert CliRunner().invoke(inst.comfyui, ["install", str(root)]).exit_code == 0
 
 
+def test_install_creates_the_model_folder_convert_writes_into(tmp_path):
+    root = tmp_path / "ComfyUI"  # as a fresh ComfyUI comes: no models/vibevoice/
+    for sub in ("custom_nodes", "models/checkpoints"):
+        (root / sub).mkdir(parents=True)
+    result = CliRunner().invoke(inst.comfyui, ["install", str(root)])
+    assert result.exit_code == 0 and f"Convert models into {root / 'models' / 'vibevoice'}/" in result.output
+    assert (root / "models" / "vibevoice").is_dir()
+
+
 def test_install_refuses_a_folder_that_is_not_comfyui(tmp_path):
     result = CliRunner().invoke(inst.comfyui, ["install", str(tmp_path)])
     assert result.exit_code == 1
