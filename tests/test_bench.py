@@ -130,6 +130,13 @@ def test_bandwidth_is_read_by_every_core_in_a_quiet_process():
     assert f"{bench_report._cores()} threads in a fresh process" in ours[0]["how"]
 
 
+def test_bandwidth_is_read_here_when_no_fresh_process_starts(monkeypatch, caplog):
+    monkeypatch.setattr(bench_report.sys, "executable", "/nonexistent/python")
+    r = bench_report.read_bandwidth(gib=0.125, repeats=2)
+    assert r["gb_per_s"] > 0 and "threads in this process" in r["how"]
+    assert any("in a fresh process failed" in m for m in caplog.messages)
+
+
 def test_a_time_below_its_floor_says_the_floor_is_unreliable():
     nbytes = dict.fromkeys(STAGES, 10**9)  # 1 GB a stage: 100 ms at 10 GB/s, 500 ms a frame
     floor = {"bandwidth_gb_per_s": 10.0, "bytes_per_frame": nbytes}

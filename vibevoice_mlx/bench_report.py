@@ -31,7 +31,7 @@ BLAS_THREADS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"
                     "VECLIB_MAXIMUM_THREADS")
 
 
-def read_bandwidth(gib: float = 1.0, repeats: int = 7) -> Dict:
+def read_bandwidth(gib: float = 1.0, repeats: int = 20) -> Dict:
     """Memory read bandwidth: the best of `repeats` reads of `gib` GiB of float32, in GB/s.
 
     On an Apple GPU an MLX sum reads it there. On a CPU every core reads a buffer of its own at once, in a fresh
