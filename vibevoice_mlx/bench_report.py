@@ -35,8 +35,9 @@ def read_bandwidth(gib: float = 1.0, repeats: int = 20) -> Dict:
     """Memory read bandwidth: the best of `repeats` reads of `gib` GiB of float32, in GB/s.
 
     On an Apple GPU an MLX sum reads it there. On a CPU every core reads a buffer of its own at once, in a fresh
-    process that loads no MLX and runs its BLAS on one thread: in this one a BLAS's worker threads or MLX's may
-    still spin and take a core from the readers, which made the floor look slower than the run that beat it.
+    process that loads no MLX and runs its BLAS on one thread. In the bench process itself, with BLIS and MLX
+    loaded, the same reads came out at 8 GB/s on the 2-core test machine where a fresh process read 16: a floor
+    that slow is one the run beats.
     """
     import mlx.core as mx
 
