@@ -49,15 +49,21 @@ def register_model_folder() -> None:
 def load_fast_blas() -> Optional[str]:
     """Inside ComfyUI on Linux, give MLX the system's fast BLAS as the `vibevoice-mlx` command does: this runs when
     ComfyUI imports the nodes, and MLX is imported only when a node first runs, so it is not loaded yet (unless
-    another node pack imported it: then `use_fast_blas` says how to start ComfyUI instead). Returns the library."""
+    another node pack imported it: then the log says how to start ComfyUI instead). Returns the library."""
     if _folder_paths() is None or sys.platform != "linux":
         return None
     from .. import blas
 
+    if "mlx.core" in sys.modules:  # another node pack imported MLX: its BLAS can no longer change in this process
+        system = blas.find_system_blas()
+        if system and blas.is_reference(blas.active_blas()["name"]):
+            logger.warning("VibeVoice MLX: another node pack imported MLX first, so MLX keeps its slow bundled BLAS; "
+                           "start ComfyUI as `%s`", blas.python_command(system, "main.py"))
+        return None
     library = blas.use_fast_blas()
     if library:
         logger.info("VibeVoice MLX: MLX's float32 matmuls run on %s", library)
-    elif "mlx.core" not in sys.modules and blas.find_system_blas() is None and os.environ.get(blas.ENV) != "off":
+    elif blas.find_system_blas() is None and os.environ.get(blas.ENV) != "off":
         logger.warning("VibeVoice MLX: MLX runs on its slow bundled BLAS; install the system's BLIS (apt-get install "
                        "%s) and restart ComfyUI", blas.APT_PACKAGE)
     return library
