@@ -63,7 +63,7 @@ def load_fast_blas() -> Optional[str]:
     library = blas.use_fast_blas()
     if library:
         logger.info("VibeVoice MLX: MLX's float32 matmuls run on %s", library)
-    elif blas.find_system_blas() is None and os.environ.get(blas.ENV) != "off":
+    elif blas.find_system_blas() is None and blas.global_cblas_provider() is None and os.environ.get(blas.ENV) != "off":
         logger.warning("VibeVoice MLX: MLX runs on its slow bundled BLAS; install the system's BLIS (apt-get install "
                        "%s) and restart ComfyUI", blas.APT_PACKAGE)
     return library
