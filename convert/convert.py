@@ -22,7 +22,8 @@ from mlx.utils import tree_flatten
 from .. import __version__
 from .. import hub
 from ..checkpoint import check_weights, detect_layout, load_config, normalize_config, read_weights
-from ..constants import DEFAULT_CFG_SCALE, DEFAULT_STEPS, DTYPE_NAMES, GENERATION_CONFIG, TOKEN_STRINGS, mlx_dtype
+from ..constants import (COMFYUI_MODEL_FOLDER, DEFAULT_CFG_SCALE, DEFAULT_STEPS, DTYPE_NAMES, GENERATION_CONFIG,
+                         TOKEN_STRINGS, mlx_dtype)
 from ..errors import UserError, exists_message
 from ..keys import to_original
 from ..model import Model, ModelConfig
@@ -88,6 +89,7 @@ def convert(
     plan = _plan(mlx_model, weights, expected, quantized, mlx_dtype(dtype), max_shard_bytes)
     n_params = sum(math.prod(v.shape) for v in weights.values())
 
+    target.parent.mkdir(exist_ok=True)  # only ComfyUI's models/vibevoice/ may be missing (see _check_target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.converting-", dir=target.parent))
     try:
         with writing(target):  # a full disk: one line, not libsndfile's or MLX's traceback
@@ -98,7 +100,7 @@ def convert(
             if quantize:
                 out_config["quantization"] = {"group_size": q_group_size, "bits": q_bits}
             out_config["conversion"] = {
-                "source": str(model),
+                "source": recorded_source(model),
                 "revision": hub.snapshot_commit(source) or revision,
                 "source_layout": layout,
                 "dtype": dtype,
@@ -295,8 +297,22 @@ def _check_target(target: Path, source: Optional[Path], force: bool) -> None:
         src = source.resolve() if source is not None else None
         if src is not None and (src == target.resolve() or target.resolve() in src.parents):
             raise ConversionError(f"--mlx-path {target} holds the source checkpoint: --force would delete it.")
-    if not target.parent.is_dir():
+    if not target.parent.is_dir() and not is_comfyui_model_folder(target.parent):
         raise ConversionError(f"The folder {target.parent} (parent of --mlx-path) does not exist.")
+
+
+def is_comfyui_model_folder(folder: Path) -> bool:
+    """`<ComfyUI>/models/vibevoice`, which a fresh ComfyUI lacks until a VibeVoice pack creates it: convert may."""
+    models = folder.parent
+    return folder.name == COMFYUI_MODEL_FOLDER and models.name == "models" and models.is_dir() and \
+        (models.parent / "custom_nodes").is_dir()
+
+
+def recorded_source(model: str) -> str:
+    """What the config records as the source: a local folder as an absolute path (a relative one would mean
+    nothing to a later reader, such as the ComfyUI nodes' 8-bit option), a hub id as it is."""
+    path = Path(model).expanduser()
+    return os.path.abspath(path) if path.exists() else str(model)
 
 
 def _chmod_like_mkdir(folder: Path) -> None:
@@ -407,8 +423,10 @@ are float32. The tokenizer files are included, so loading needs no network.
 
 ## Use
 
+vibevoice-mlx is not on PyPI: install it from a clone of its source, then speak.
+
 ```bash
-pip install vibevoice-mlx
+pip install ./vibevoice-mlx   # the clone's folder; on Linux also `sudo apt-get install libblis4-pthread` for speed
 vibevoice-mlx say --model {name} "Speaker 1: Hello from VibeVoice on MLX." --voice speaker1.wav -o hello.wav
 ```
 

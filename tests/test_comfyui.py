@@ -105,6 +105,46 @@ def test_install_writes_a_tiny_loader_that_comfyui_loads(tmp_path, monkeypatch):
     assert CliRunner().invoke(inst.comfyui, ["install", str(root)]).exit_code == 0
 
 
+def test_install_creates_the_model_folder_convert_writes_into(tmp_path):
+    root = tmp_path / "ComfyUI"  # as a fresh ComfyUI comes: no models/vibevoice/
+    for sub in ("custom_nodes", "models/checkpoints"):
+        (root / sub).mkdir(parents=True)
+    result = CliRunner().invoke(inst.comfyui, ["install", str(root)])
+    assert result.exit_code == 0 and f"Convert models into {root / 'models' / 'vibevoice'}/" in result.output
+    assert (root / "models" / "vibevoice").is_dir()
+
+
+def _comfyui_process(before: str = "") -> subprocess.CompletedProcess:
+    """Import the nodes as ComfyUI does (a `folder_paths` module exists), then MLX, in a fresh process; print the
+    BLAS MLX runs on and the system BLAS there is. `before` runs first (another node pack)."""
+    code = ("import sys, types\n"
+            "fp = types.ModuleType('folder_paths'); fp.models_dir = 'models'\n"
+            "fp.add_model_folder_path = lambda *a, **k: None; sys.modules['folder_paths'] = fp\n"
+            f"{before}\n"
+            "import vibevoice_mlx.comfyui\n"
+            "import mlx.core\n"
+            "from vibevoice_mlx import blas\n"
+            "print(blas.active_blas()['path']); print(blas.find_system_blas())\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("LD_PRELOAD", "VIBEVOICE_MLX_BLAS")}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the fast BLAS is loaded on Linux only")
+def test_nodes_give_mlx_the_system_blas_inside_comfyui():
+    r = _comfyui_process()
+    assert r.returncode == 0, r.stderr
+    active, system = r.stdout.split()
+    if system != "None":  # the system has BLIS or OpenBLAS: MLX runs on it, as under the vibevoice-mlx command
+        assert active == system, r.stdout
+    else:  # it has none: the log says what to install
+        assert "apt-get install libblis4-pthread" in r.stderr
+    # Another node pack imported MLX first: too late to swap, and the log says how to start ComfyUI instead.
+    r = _comfyui_process("import mlx.core")
+    assert r.returncode == 0 and "mlx_cpu.libs" in r.stdout.split()[0], r.stdout
+    if system != "None":
+        assert "another node pack imported MLX first" in r.stderr and f"LD_PRELOAD={system} python main.py" in r.stderr
+
+
 def test_install_refuses_a_folder_that_is_not_comfyui(tmp_path):
     result = CliRunner().invoke(inst.comfyui, ["install", str(tmp_path)])
     assert result.exit_code == 1

@@ -92,6 +92,8 @@ def test_float32_loads_back_equal_to_source(tiny, out):
         np.testing.assert_array_equal(got, source[k], err_msg=k)
     card = (out / "README.md").read_text()
     assert f"vibevoice-mlx say --model {out}" in card and str(tiny["original"]) in card
+    # the install command is one that works: the package is not on PyPI under its name
+    assert "pip install vibevoice-mlx\n" not in card and "pip install ./vibevoice-mlx" in card
     assert json.loads((out / "generation_config.json").read_text()) == {"steps": 10, "cfg_scale": 1.3}
     assert (out / "tokenizer.json").read_bytes() == (tiny["tokenizer"] / "tokenizer.json").read_bytes()
 
@@ -352,6 +354,27 @@ def test_hub_id_not_cached_offline(tmp_path, out, monkeypatch):
 
 
 # --- CLI -----------------------------------------------------------------------------------------------------
+
+
+def test_a_relative_source_is_recorded_as_an_absolute_path(tiny, tmp_path, monkeypatch):
+    monkeypatch.chdir(tiny["original"].parent)
+    convert(tiny["original"].name, tmp_path / "rel", tokenizer=str(tiny["tokenizer"]))
+    source = json.loads((tmp_path / "rel" / "config.json").read_text())["conversion"]["source"]
+    assert Path(source).is_absolute() and Path(source).samefile(tiny["original"])  # found from any folder
+
+
+def test_comfyuis_missing_model_folder_is_created_and_no_other(tiny, tmp_path):
+    comfy = tmp_path / "ComfyUI"  # a fresh ComfyUI: custom_nodes/ and models/, no models/vibevoice/ yet
+    for sub in ("custom_nodes", "models/checkpoints"):
+        (comfy / sub).mkdir(parents=True)
+    target = comfy / "models" / "vibevoice" / "tiny-mlx"
+    convert(str(tiny["original"]), target, tokenizer=str(tiny["tokenizer"]))
+    assert (target / "config.json").is_file() and _leftovers(target.parent) == []
+    for missing in (tmp_path / "elsewhere" / "vibevoice" / "x", tmp_path / "models" / "vibevoice" / "x"):
+        with pytest.raises(ConversionError) as e:
+            convert(str(tiny["original"]), missing, tokenizer=str(tiny["tokenizer"]))
+        _assert_clean_error(e, str(missing.parent), "does not exist")
+        assert not missing.parent.exists()
 
 
 def test_cli_convert_and_user_errors(tiny, tmp_path, monkeypatch, caplog):

@@ -120,6 +120,8 @@ def test_slow_cpu_blas_is_reported_with_the_fix(monkeypatch, name, told):
         assert slow[0]["fix"] == fake["fix"] and name in slow[0]["what"]
     else:  # fast in this command: tell how a Python program gets the same
         assert f"in Python programs: LD_PRELOAD={fake['system_blas']} python" in text
+        assert "in ComfyUI: the VibeVoice nodes load it by themselves" in text
+        assert f"start it as LD_PRELOAD={fake['system_blas']} python main.py" in text
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="MLX's CPU BLAS fix is for Linux")

@@ -97,3 +97,20 @@ def test_no_import_cycles():
                          ids=lambda p: str(p.relative_to(ROOT)))
 def test_files_stay_readable(path):
     assert len(path.read_text().splitlines()) <= 600, f"{path} is past 600 lines: split it by responsibility"
+
+
+def test_pyproject_ships_every_package_folder_under_an_spdx_license():
+    import tomllib
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["project"]["license"] == "MIT"  # a table is deprecated; a string needs setuptools 77
+    assert "setuptools>=77" in pyproject["build-system"]["requires"]
+    tool = pyproject["tool"]["setuptools"]
+    listed = set(tool["packages"])
+    for pkg, folder in tool["package-dir"].items():
+        # setuptools warns about (and may leave out) an importable folder under a package that is not listed
+        for sub in (ROOT / folder).rglob("*"):
+            if sub.is_dir() and sub.name.isidentifier() and sub.name != "__pycache__":
+                name = ".".join([pkg, *sub.relative_to(ROOT / folder).parts])
+                assert name in listed, f"{name} is not in [tool.setuptools] packages"
+    assert tool["package-data"]["vibevoice_mlx.server.static"] == ["*"]

@@ -352,11 +352,11 @@ def library_config(path: str) -> Optional[str]:
         return None
 
 
-def python_command(library: Optional[str]) -> str:
-    """How a Python program gets the fast BLAS (the command `doctor` prints)."""
+def python_command(library: Optional[str], program: str = "your_script.py") -> str:
+    """How a Python program (ComfyUI: `main.py`) gets the fast BLAS (the command `doctor` prints)."""
     library = library or blis_paths()[0]
     threads = "".join(f"{k}={v} " for k, v in thread_env(library, {}).items())
-    return f"{threads}LD_PRELOAD={library} python your_script.py"
+    return f"{threads}LD_PRELOAD={library} python {program}"
 
 
 def blas_report(measure: bool = True) -> Dict:

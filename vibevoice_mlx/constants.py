@@ -19,6 +19,8 @@ QWEN_TOKEN_IDS = {"eos": 151643, "speech_start": 151652, "speech_end": 151653, "
 DEFAULT_STEPS = 10
 DEFAULT_CFG_SCALE = 1.3
 GENERATION_CONFIG = "generation_config.json"
+# ComfyUI's models/vibevoice/: where the VibeVoice node packs (ours too) keep their models.
+COMFYUI_MODEL_FOLDER = "vibevoice"
 
 DTYPE_NAMES = ("float16", "bfloat16", "float32")
 

@@ -196,6 +196,9 @@ def format_report(report: Dict) -> str:
             if m["blas"]["fast"] and m["blas"].get("python_command") and m["blas"]["how"] != "LD_PRELOAD":
                 lines.append(f"  in Python programs: {m['blas']['python_command']}, "
                              "or vibevoice_mlx.blas.use_fast_blas() before the first import of mlx")
+                lines.append("  in ComfyUI: the VibeVoice nodes load it by themselves; if ComfyUI's log says another "
+                             "node pack imported MLX first, start it as "
+                             f"{blas.python_command(m['blas']['system_blas'], 'main.py')}")
     lines += ["Memory", f"  {mem['gb']} GB {mem['kind']}" if mem["gb"] is not None else "  unknown", "PyTorch"]
     if t["version"] is None:
         lines.append("  not installed")

@@ -14,6 +14,8 @@ from typing import Iterator, Optional
 
 import click
 
+from .models import FOLDER_KIND
+
 LOADER_NAME = "vibevoice-mlx"  # not an importable name: ComfyUI puts the folder into sys.modules under it
 MARKER = "vibevoice-mlx ComfyUI loader"
 # Files an installed loader may hold; a folder with anything else is the user's, and is not deleted.
@@ -80,7 +82,8 @@ def _remove(target: Path) -> None:
 
 
 def install_loader(root: Path, force: bool = False) -> Path:
-    """Write `custom_nodes/vibevoice-mlx/__init__.py` into the ComfyUI folder `root`; returns the folder.
+    """Write `custom_nodes/vibevoice-mlx/__init__.py` into the ComfyUI folder `root`, and create the model folder
+    `models/vibevoice/` (`convert --mlx-path` writes into it); returns the loader folder.
 
     A previous loader is replaced; anything else at that path only with `force`.
     """
@@ -92,7 +95,12 @@ def install_loader(root: Path, force: bool = False) -> Path:
         _remove(target)
     target.mkdir()
     (target / "__init__.py").write_text(LOADER.substitute(marker=MARKER, source=package_source()))
+    model_folder(root).mkdir(parents=True, exist_ok=True)
     return target
+
+
+def model_folder(root: Path) -> Path:
+    return Path(root).expanduser() / "models" / FOLDER_KIND
 
 
 def uninstall_loader(root: Path, force: bool = False) -> Path:
@@ -141,7 +149,8 @@ def install(path, uninstall, force):
         target = install_loader(path, force)
     except (InstallError, OSError) as e:
         raise click.ClickException(str(e)) from None
-    click.echo(f"Installed the VibeVoice MLX nodes: {target}. Restart ComfyUI; they are in the VibeVoice category.")
+    click.echo(f"Installed the VibeVoice MLX nodes: {target}. Restart ComfyUI; they are in the VibeVoice category. "
+               f"Convert models into {model_folder(path)}/.")
     for python in comfy_pythons(path):
         if lacks_package(python):
             click.echo(f"Warning: {python} cannot import vibevoice_mlx; if ComfyUI runs with it, run "

@@ -9,12 +9,15 @@ import json
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from ..constants import COMFYUI_MODEL_FOLDER
+
 logger = logging.getLogger(__name__)
 
-FOLDER_KIND = "vibevoice"  # ComfyUI's models/vibevoice/, the folder the PyTorch VibeVoice packs use
+FOLDER_KIND = COMFYUI_MODEL_FOLDER  # models/vibevoice/, the folder the PyTorch VibeVoice packs use
 HUB_MODELS = ("microsoft/VibeVoice-1.5B",)
 QUANTIZE_BITS = {"full precision": None, "4bit": 4, "8bit": 8}
 ATTENTION_TYPES = ("auto", "eager", "sdpa", "flash_attention_2", "sage")
@@ -41,6 +44,29 @@ def register_model_folder() -> None:
     fp = _folder_paths()
     if fp is not None:
         fp.add_model_folder_path(FOLDER_KIND, os.path.join(fp.models_dir, FOLDER_KIND))
+
+
+def load_fast_blas() -> Optional[str]:
+    """Inside ComfyUI on Linux, give MLX the system's fast BLAS as the `vibevoice-mlx` command does: this runs when
+    ComfyUI imports the nodes, and MLX is imported only when a node first runs, so it is not loaded yet (unless
+    another node pack imported it: then the log says how to start ComfyUI instead). Returns the library."""
+    if _folder_paths() is None or sys.platform != "linux":
+        return None
+    from .. import blas
+
+    if "mlx.core" in sys.modules:  # another node pack imported MLX: its BLAS can no longer change in this process
+        system = blas.find_system_blas()
+        if system and blas.is_reference(blas.active_blas()["name"]):
+            logger.warning("VibeVoice MLX: another node pack imported MLX first, so MLX keeps its slow bundled BLAS; "
+                           "start ComfyUI as `%s`", blas.python_command(system, "main.py"))
+        return None
+    library = blas.use_fast_blas()
+    if library:
+        logger.info("VibeVoice MLX: MLX's float32 matmuls run on %s", library)
+    elif blas.find_system_blas() is None and blas.global_cblas_provider() is None and os.environ.get(blas.ENV) != "off":
+        logger.warning("VibeVoice MLX: MLX runs on its slow bundled BLAS; install the system's BLIS (apt-get install "
+                       "%s) and restart ComfyUI", blas.APT_PACKAGE)
+    return library
 
 
 def model_dirs() -> List[Path]:
