@@ -22,8 +22,7 @@ from mlx.utils import tree_flatten
 from .. import __version__
 from .. import hub
 from ..checkpoint import check_weights, detect_layout, load_config, normalize_config, read_weights
-from ..constants import (COMFYUI_MODEL_FOLDER, DEFAULT_CFG_SCALE, DEFAULT_STEPS, DTYPE_NAMES, GENERATION_CONFIG,
-                         TOKEN_STRINGS, mlx_dtype)
+from ..constants import COMFYUI_MODEL_FOLDER, DEFAULT_CFG_SCALE, DEFAULT_STEPS, DTYPE_NAMES, GENERATION_CONFIG, mlx_dtype
 from ..errors import UserError, exists_message
 from ..keys import to_original
 from ..model import Model, ModelConfig
