@@ -138,8 +138,12 @@ def reference(model, tmp_path_factory):
     ('{"id": "bad id!", "script": "Speaker 1: Hi."}', "'id' must be"),
     ('{"id": "x"}', "exactly one of 'script'"),
     ('{"id": "x", "script": "Speaker 1: Hi.", "file": "a.txt"}', "exactly one of 'script'"),
-    ('{"id": "x", "script": "Speaker 1: Hi.", "seed": -1}', "'seed' must be"),
-    ('{"id": "x", "script": "Speaker 1: Hi.", "steps": 0}', "'steps' must be an integer 1..100"),
+    ('{"id": "x", "script": "Speaker 1: Hi.", "seed": -1}', "seed must be a whole number from 0"),
+    ('{"id": "x", "script": "Speaker 1: Hi.", "steps": 0}', "steps must be a whole number from 1"),
+    ('{"id": "x", "script": "Speaker 1: Hi.", "cfg_scale": NaN}', "cfg_scale must be a number from 0 to 100; got nan"),
+    ('{"id": "x", "script": "Speaker 1: Hi.", "cfg_scale": -5}', "cfg_scale must be a number from 0 to 100; got -5"),
+    ('{"id": "x", "script": "Speaker 1: Hi.", "seed": 18446744073709551616}',
+     "seed must be a whole number from 0 to 18446744073709551615; got 18446744073709551616"),
     ('{"id": "x", "script": "Speaker 1: Hi.", "voices": "alice.wav"}', "'voices' must be a list"),
     ('{"id": "x", "script": "Speaker 1: Hi.", "output": "../x.wav"}', "must stay inside --out-dir"),
     ('{"id": "x", "script": "Speaker 1: Hi.", "output": "x.txt"}', "needs an audio extension"),
@@ -154,6 +158,17 @@ def test_a_bad_manifest_line_is_one_line_naming_it(tmp_path, line, message):
     [error] = [ln for ln in r.output.splitlines() if ln.startswith("Error:")]
     assert "jobs.jsonl line 3" in error and message in error, error
     assert not (tmp_path / "out").exists()  # nothing is made before the manifest is right
+
+
+@pytest.mark.parametrize("option", [["--cfg-scale", "nan"], ["--cfg-scale", "-5"], ["--top-p", "inf"],
+                                    ["--seed", str(2**64)]])
+def test_a_bad_default_option_is_refused_before_anything(tmp_path, option):
+    manifest = write_project(tmp_path)
+    r = CliRunner().invoke(batch, [str(manifest), "--out-dir", str(tmp_path / "out"), "--model", "unused", *option])
+    assert r.exit_code in (1, 2) and "Traceback" not in r.output, r.output
+    [error] = [ln for ln in r.output.splitlines() if ln.startswith("Error:")]
+    assert option[0] in error or option[0].lstrip("-").replace("-", "_") in error, error
+    assert not (tmp_path / "out").exists()
 
 
 def test_manifest_defaults_and_shards(tmp_path):

@@ -11,6 +11,7 @@ from mlx.utils import tree_flatten
 
 import vibevoice_mlx as vv
 from vibevoice_mlx import generation
+from vibevoice_mlx.checkpoint import read_checkpoint
 from vibevoice_mlx.cli import main
 from vibevoice_mlx.loader import LoadError, load_model
 from vibevoice_mlx.testing import HUB_COMMIT, cache_repo, offline_hub
@@ -155,3 +156,14 @@ def test_quantized_model_on_the_cpu_warns(tiny, tmp_path, caplog):
         load_model(folder)
     slow = any("quantized matmuls" in m for m in caplog.messages)
     assert slow == (mx.default_device() != mx.gpu)
+
+
+@pytest.mark.parametrize("gen, field", [({"steps": 0}, "'steps'"), ({"guidance_scale": float("nan")}, "'guidance_scale'"),
+                                        ({"num_diffusion_steps": 2.5}, "'num_diffusion_steps'")])
+def test_bad_generation_defaults_name_the_file_and_field(tiny, tmp_path, gen, field):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny["original"], folder)
+    (folder / "generation_config.json").write_text(json.dumps(gen))
+    with pytest.raises(LoadError) as e:
+        read_checkpoint(folder)
+    assert str(folder / "generation_config.json") in str(e.value) and field in str(e.value), e.value

@@ -28,23 +28,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from .constants import check_option
 from .errors import UserError
 
-OPTIONS = {  # job key -> (type check, what it must be)
-    "steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 100, "an integer 1..100"),
-    "cfg_scale": (lambda v: _number(v), "a number"),
-    "temperature": (lambda v: _number(v) and v >= 0, "a number >= 0"),
-    "top_p": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
-    "max_seconds": (lambda v: _number(v) and v > 0, "a number > 0"),
-}
+OPTIONS = ("steps", "cfg_scale", "temperature", "top_p", "max_seconds")  # checked as the API checks them
 KEYS = ("id", "script", "file", "voices", "seed", "output", *OPTIONS)
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 EVENT_LOG = "batch-log.jsonl"  # one line per job event, from every process writing to the folder
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+def _check(key: str, value, where: str) -> None:
+    try:
+        check_option(key, value)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
 
 
 @dataclass
@@ -111,16 +109,14 @@ def parse_job(obj, line: int, where: str, base: Path, defaults: Dict[str, Any]) 
     seed = obj.get("seed", defaults.get("seed"))
     if seed is None:
         seed = default_seed(job_id)
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
-        raise UserError(f"{where}: 'seed' must be a non-negative integer.")
+    _check("seed", seed, where)
     options = {k: v for k, v in defaults.items() if k in OPTIONS and v is not None}
-    for key, (ok, what) in OPTIONS.items():
+    for key in OPTIONS:
         if key in obj:
-            if not ok(obj[key]):
-                raise UserError(f"{where}: {key!r} must be {what} (got {obj[key]!r}).")
+            _check(key, obj[key], where)
             options[key] = obj[key]
     output = _check_output(obj.get("output", f"{job_id}.wav"), where)
-    return Job(job_id, line, output, seed, script, file, [str(base / v) for v in voices], options)
+    return Job(job_id, line, output, int(seed), script, file, [str(base / v) for v in voices], options)
 
 
 def read_manifest(path, defaults: Optional[Dict[str, Any]] = None) -> List[Job]:
@@ -132,6 +128,9 @@ def read_manifest(path, defaults: Optional[Dict[str, Any]] = None) -> List[Job]:
         raise UserError(f"Manifest not found: {path}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"Cannot read the manifest {path}: {e}") from None
+    for key in ("seed", *OPTIONS):  # the command's defaults (--cfg-scale ...), checked as a job's own values
+        if (defaults or {}).get(key) is not None:
+            _check(key, defaults[key], "--" + key.replace("_", "-"))
     base = path.parent.resolve()  # absolute, so that workers started elsewhere (Ray) find the files
     jobs: List[Job] = []
     ids: Dict[str, int] = {}

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-from .constants import GENERATION_CONFIG
+from .constants import GENERATION_CONFIG, check_option
 from .errors import UserError
 from .keys import ORIGINAL, TRANSFORMERS
 
@@ -336,9 +336,13 @@ def read_checkpoint(folder: Path) -> Checkpoint:
         gen = read_json(gen_path)
         # ours: steps / cfg_scale; transformers': num_diffusion_steps / guidance_scale
         for ours, theirs in (("steps", "num_diffusion_steps"), ("cfg_scale", "guidance_scale")):
-            value = gen.get(ours, gen.get(theirs))
-            if value is not None:
-                generation[ours] = value
+            key = ours if ours in gen else theirs
+            if gen.get(key) is not None:
+                try:
+                    check_option(ours, gen[key])
+                except UserError as e:
+                    raise LoadError(f"{gen_path}: '{key}': {e} Fix the file or delete the field.") from None
+                generation[ours] = gen[key]
         sched = gen.get("noise_scheduler_config") or {}
         head = normalized["diffusion_head_config"]
         if sched.get("beta_schedule"):

@@ -18,7 +18,7 @@ import mlx.core as mx
 import numpy as np
 
 from .backend import NEXT, TRUNCATED, FrameSettings, Sampler, SegmentJob, greedy
-from .constants import DEFAULT_CFG_SCALE, DEFAULT_STEPS, SAMPLE_RATE
+from .constants import DEFAULT_CFG_SCALE, DEFAULT_STEPS, OPTION_RANGES, SAMPLE_RATE, check_option
 from .errors import UserError
 from .preflight import check_context
 from .processor import Pause, build_prompt, parse_script, script_speakers
@@ -49,24 +49,9 @@ class GenerationConfig:
     def __post_init__(self):
         """Every option is checked before any work starts; a bad one is a one-line error naming it."""
 
-        def number(name, value, low, high, integer=False, low_open=False):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            ok = ok and (not integer or float(value).is_integer())
-            ok = ok and (value > low if low_open else value >= low) and value <= high
-            if not ok:
-                kind = "a whole number" if integer else "a number"
-                bound = f"above {low}" if low_open else f"from {low}"
-                raise UserError(f"{name} must be {kind} {bound} to {high}; got {value!r}.")
-
-        number("steps", self.steps, 1, 1000, integer=True)
-        number("cfg_scale", self.cfg_scale, 0, 100)
-        number("temperature", self.temperature, 0, 100)
-        number("top_p", self.top_p, 0, 1, low_open=True)
-        number("prefill_chunk", self.prefill_chunk, 1, 1 << 20, integer=True)
-        if self.seed is not None:
-            number("seed", self.seed, 0, 2**64 - 1, integer=True)
-        if self.max_seconds is not None:
-            number("max_seconds", self.max_seconds, 0, 24 * 3600, low_open=True)
+        for name in OPTION_RANGES:
+            if getattr(self, name) is not None or name not in ("seed", "max_seconds"):
+                check_option(name, getattr(self, name))
         self.steps = int(self.steps)
 
 
