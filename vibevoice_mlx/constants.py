@@ -60,5 +60,5 @@ def mlx_dtype(name):
     if not isinstance(name, str):
         return name
     if name not in DTYPE_NAMES:
-        raise ValueError(f"dtype {name!r} is not one of {', '.join(DTYPE_NAMES)}.")
+        raise UserError(f"dtype {name!r} is not one of {', '.join(DTYPE_NAMES)}.")
     return getattr(mx, name)
