@@ -167,3 +167,37 @@ def test_bad_generation_defaults_name_the_file_and_field(tiny, tmp_path, gen, fi
     with pytest.raises(LoadError) as e:
         read_checkpoint(folder)
     assert str(folder / "generation_config.json") in str(e.value) and field in str(e.value), e.value
+
+
+@pytest.fixture(scope="module")
+def converted(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("converted") / "tiny-mlx"
+    vv.convert(str(tiny["original"]), str(out), tokenizer=str(tiny["tokenizer"]))
+    return out
+
+
+def _hidden_size_as_text(c):
+    c["decoder_config"]["hidden_size"] = "64"
+    return c
+
+
+def _no_vae_dim(c):
+    del c["semantic_tokenizer_config"]["vae_dim"]
+    return c
+
+
+@pytest.mark.parametrize("layout", ["original", "mlx"])
+@pytest.mark.parametrize("edit, field", [(lambda c: {}, "neither 'decoder_config'"),
+                                         (lambda c: [], "holds a JSON list"),
+                                         (_hidden_size_as_text, "decoder_config.hidden_size must be a positive integer"),
+                                         (_no_vae_dim, "semantic_tokenizer_config.vae_dim is missing")])
+def test_a_bad_config_json_is_one_line_naming_the_file_and_field(tiny, converted, tmp_path, layout, edit, field):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny["original"] if layout == "original" else converted, folder)
+    config = edit(json.loads((folder / "config.json").read_text()))
+    (folder / "config.json").write_text(json.dumps(config))
+    r = CliRunner().invoke(main, ["say", "Speaker 1: Hi.", "--model", str(folder), "--tokenizer",
+                                  str(tiny["tokenizer"]), "--dry-run"])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    [error] = [line for line in r.output.splitlines() if line.startswith("Error")]
+    assert str(folder / "config.json") in error and field in error, error
