@@ -171,6 +171,16 @@ def test_a_bad_default_option_is_refused_before_anything(tmp_path, option):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("where", ["existing", "new"])
+def test_a_read_only_out_dir_is_one_line(tmp_path, read_only_folder, where):
+    manifest = write_project(tmp_path)
+    out = read_only_folder if where == "existing" else read_only_folder / "out"
+    r = CliRunner().invoke(batch, [str(manifest), "--out-dir", str(out), "--model", "unused"])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    [error] = [ln for ln in r.output.splitlines() if ln.startswith("Error:")]
+    assert f"--out-dir {out}" in error and ("not writable" in error or "Cannot create" in error), error
+
+
 def test_manifest_defaults_and_shards(tmp_path):
     manifest = write_project(tmp_path)
     jobs = read_manifest(manifest, {"steps": 20, "seed": None})

@@ -59,6 +59,16 @@ def plan(jobs: List[Job], out_dir: Path, run: Dict) -> Tuple[List[Job], List[Out
     return todo, known
 
 
+def writable_folder(out_dir: Path) -> None:
+    """--out-dir made if missing and writable, or one line saying why not (before any job is looked at)."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"Cannot create --out-dir {out_dir}: {e.strerror or e}; choose another folder.") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise UserError(f"--out-dir {out_dir} is not writable: choose another folder.")
+
+
 def summary(outcomes: Sequence[Outcome], wall: float) -> str:
     counts = {s: sum(o.status == s for o in outcomes) for s in (DONE, SKIPPED, FAILED)}
     audio = sum(o.audio_seconds for o in outcomes if o.status == DONE)
@@ -106,7 +116,7 @@ def batch(ctx, manifest, out_dir, model, dtype, tokenizer, batch_size, shard, ra
         jobs = read_manifest(manifest, defaults)
         shard_spec = parse_shard(shard) if shard is not None else None
         rank = launched_rank()
-    out_dir.mkdir(parents=True, exist_ok=True)
+        writable_folder(out_dir)
     mine = select(jobs, shard_spec, rank)
     where = (f"shard {shard} " if shard else "") + (f"rank {rank[0]}/{rank[1]} " if rank[1] > 1 else "")
     if not quiet:
