@@ -294,3 +294,38 @@ def test_two_shards_in_two_processes_share_the_folder(reference, model, tmp_path
     pid = {e["id"]: e["pid"] for e in events if e["event"] == "done"}
     assert {pid[j["id"]] for j in JOBS[0::2]} == {procs[0].pid} and {pid[j["id"]] for j in JOBS[1::2]} == {procs[1].pid}
     assert_same_audio(audio_of(out), reference[1])
+
+
+def test_a_job_another_run_is_making_is_left_to_it(reference, model, tmp_path):
+    from vibevoice_mlx.batch_jobs import claim, release
+
+    manifest = write_project(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    held = read_manifest(manifest)[1]  # "duo", into sub/duo.flac: as another process making it would hold it
+    fd = claim(out, held)
+    assert fd is not None and claim(out, held) is None  # exclusive, even within one process
+    try:
+        r = run_batch(manifest, out, model, "--batch-size", 2)
+    finally:
+        release(out, held, fd)
+    assert r.exit_code == 0, r.output
+    assert "busy    duo -> sub/duo.flac (another run is making it)" in r.output, r.output
+    assert "5 done, 0 skipped, 0 failed, 1 being made by another run" in r.output, r.output
+    assert not (out / "sub" / "duo.flac").exists()
+    r = run_batch(manifest, out, model)  # its claim given back (as a killed run's is): the next run makes it
+    assert r.exit_code == 0 and "1 done, 5 skipped" in r.output, r.output
+    check_exactly_once(out)
+    assert_same_audio(audio_of(out), reference[1])
+
+
+def test_two_unsharded_runs_on_one_folder_make_each_job_once(reference, model, tmp_path):
+    manifest = write_project(tmp_path)
+    out = tmp_path / "out"
+    procs = [subprocess.Popen(cli(manifest, "--out-dir", out, "--model", model, "--force-frames", FRAMES,
+                                  "--batch-size", 1), stderr=subprocess.PIPE, text=True, env=ENV)
+             for _ in range(2)]
+    logs = [p.communicate(timeout=180)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    check_exactly_once(out)
+    assert_same_audio(audio_of(out), reference[1])

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import click
 
 from .batch_jobs import Job, is_finished, log_event, parse_shard, prepare, read_manifest
-from .batch_run import DONE, FAILED, MAX_BATCH, SKIPPED, Outcome, Runner
+from .batch_run import BUSY, DONE, FAILED, MAX_BATCH, SKIPPED, Outcome, Runner
 from .errors import CLIError, UserError, user_errors
 
 
@@ -70,10 +70,11 @@ def writable_folder(out_dir: Path) -> None:
 
 
 def summary(outcomes: Sequence[Outcome], wall: float) -> str:
-    counts = {s: sum(o.status == s for o in outcomes) for s in (DONE, SKIPPED, FAILED)}
+    counts = {s: sum(o.status == s for o in outcomes) for s in (DONE, SKIPPED, FAILED, BUSY)}
     audio = sum(o.audio_seconds for o in outcomes if o.status == DONE)
     speed = f"{audio / wall:.2f}x real time" if wall > 0 else "-"
-    return (f"{counts[DONE]} done, {counts[SKIPPED]} skipped, {counts[FAILED]} failed; "
+    busy = f", {counts[BUSY]} being made by another run" if counts[BUSY] else ""
+    return (f"{counts[DONE]} done, {counts[SKIPPED]} skipped, {counts[FAILED]} failed{busy}; "
             f"{audio / 3600:.2f} h of audio ({audio:.1f} s) in {wall:.1f} s, {speed}")
 
 
@@ -152,5 +153,6 @@ def _report(o: Outcome, quiet: bool) -> None:
     if o.status == FAILED:
         click.echo(f"failed  {o.id}: {o.message}", err=True)
     elif not quiet:
-        extra = f" ({o.audio_seconds:.1f} s{', cut short' if o.truncated else ''})" if o.status == DONE else ""
+        extra = f" ({o.audio_seconds:.1f} s{', cut short' if o.truncated else ''})" if o.status == DONE else \
+            f" ({o.message})" if o.message else ""
         click.echo(f"{o.status:<7} {o.id} -> {o.output}{extra}", err=True)

@@ -31,6 +31,11 @@ from typing import Any, Dict, List, Optional, Tuple
 from .constants import check_option
 from .errors import UserError
 
+try:
+    import fcntl
+except ImportError:  # not on Windows
+    fcntl = None
+
 OPTIONS = ("steps", "cfg_scale", "temperature", "top_p", "max_seconds")  # checked as the API checks them
 KEYS = ("id", "script", "file", "voices", "seed", "output", *OPTIONS)
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
@@ -203,6 +208,40 @@ def is_finished(out_dir: Path, job: Job) -> bool:
     except (OSError, ValueError, AttributeError):
         return False
     return recorded == json.loads(json.dumps(job.settings))  # compared as JSON, as it was written
+
+
+def claim(out_dir: Path, job: Job) -> Optional[int]:
+    """Take `job` for this process before making it, as `say` locks its output: an exclusive `flock` on a hidden
+    claim file beside the output, held until `release`. None when another run holds it (a second process on the
+    same folder then leaves the job to it); the kernel drops the lock of a killed run, so a rerun can take it."""
+    final = Path(out_dir) / job.output
+    final.parent.mkdir(parents=True, exist_ok=True)
+    path = _claim_path(final)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        if fcntl is None:  # Windows: no claims, everything else works
+            return fd
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:  # the holder may have released and removed the file between our open and our lock: open it again
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def release(out_dir: Path, job: Job, fd: int) -> None:
+    """Give a claim back: the file is removed while still locked, so no run can lock a file that is gone."""
+    _claim_path(Path(out_dir) / job.output).unlink(missing_ok=True)
+    os.close(fd)
+
+
+def _claim_path(final: Path) -> Path:
+    return final.with_name(f".{final.name}.claim")
 
 
 def _temp_name(final: Path) -> Path:
