@@ -329,3 +329,15 @@ def test_two_unsharded_runs_on_one_folder_make_each_job_once(reference, model, t
     assert [p.returncode for p in procs] == [0, 0], logs
     check_exactly_once(out)
     assert_same_audio(audio_of(out), reference[1])
+
+
+def test_a_voice_that_is_a_folder_or_a_pipe_fails_its_job_saying_what_it_is(tmp_path):
+    from vibevoice_mlx.batch_jobs import prepare
+    from vibevoice_mlx.errors import UserError
+
+    os.mkfifo(tmp_path / "voice.pipe")  # never opened: a batch hashes a voice and decodes it later, two reads
+    for voice, message in [(tmp_path, "is a folder, not a regular file"),
+                           (tmp_path / "voice.pipe", "is a pipe, which can be read only once")]:
+        [job] = read_manifest(write_project(tmp_path, [{"id": "x", "script": "Speaker 1: Hi.", "voices": [str(voice)]}]))
+        with pytest.raises(UserError, match=message):
+            prepare(job, {})

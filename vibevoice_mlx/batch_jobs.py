@@ -179,6 +179,7 @@ def _sha256(path: Path) -> str:
 def prepare(job: Job, run: Dict[str, Any]) -> Job:
     """Read the job's script and hash its voices; `run` holds the settings shared by all jobs (model, dtype, ...).
     A missing or unreadable file, or a script the processor refuses, is a UserError for this job alone."""
+    from .audio import check_input_file
     from .processor import parse_script, read_script_file
 
     if job.script is None:
@@ -186,8 +187,7 @@ def prepare(job: Job, run: Dict[str, Any]) -> Job:
     parse_script(job.script)
     voices = []
     for v in job.voices:
-        if not Path(v).is_file():
-            raise UserError(f"Voice file not found: {v}")
+        check_input_file(v, "Voice file", pipe_ok=False)  # read twice: hashed here, decoded when made
         voices.append(_sha256(Path(v)))  # the bytes decide, not where the file lies
     job.settings = {"script_sha256": hashlib.sha256(job.script.encode("utf-8")).hexdigest(), "voices": voices,
                     "seed": job.seed, **{k: job.options.get(k) for k in OPTIONS}, **run}
