@@ -13,6 +13,7 @@ import vibevoice_mlx as vv
 from vibevoice_mlx import generation
 from vibevoice_mlx.checkpoint import read_checkpoint
 from vibevoice_mlx.cli import main
+from vibevoice_mlx.errors import UserError
 from vibevoice_mlx.loader import LoadError, load_model
 from vibevoice_mlx.testing import HUB_COMMIT, cache_repo, offline_hub
 
@@ -201,3 +202,8 @@ def test_a_bad_config_json_is_one_line_naming_the_file_and_field(tiny, converted
     assert r.exit_code == 1 and "Traceback" not in r.output, r.output
     [error] = [line for line in r.output.splitlines() if line.startswith("Error")]
     assert str(folder / "config.json") in error and field in error, error
+
+
+def test_the_torch_backend_on_a_converted_folder_says_what_the_folder_is(converted):
+    with pytest.raises(UserError, match="is a converted MLX folder, which only the MLX backend runs"):
+        vv.load(converted, backend="torch")
