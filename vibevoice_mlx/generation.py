@@ -49,10 +49,10 @@ class GenerationConfig:
 
     def __post_init__(self):
         """Every option is checked before any work starts; a bad one is a one-line error naming it."""
-
         for name in OPTION_RANGES:
-            if getattr(self, name) is not None or name not in ("seed", "max_seconds"):
-                check_option(name, getattr(self, name))
+            value = getattr(self, name)
+            if value is not None or name not in ("seed", "max_seconds"):  # those two may be left unset
+                check_option(name, value)
         self.steps = int(self.steps)
 
 

@@ -185,7 +185,7 @@ def _check_load_args(backend, dtype, max_batch) -> None:
     """`load`'s own arguments, checked before anything is read (max_batch 0 would run nothing, silently)."""
     if backend not in BACKENDS:
         raise LoadError(f"Unknown backend {backend!r}: choose 'mlx' or 'torch'.")
-    if not (dtype is None or isinstance(dtype, mx.Dtype) or backend == "torch" and dtype == "auto"):
+    if backend == "mlx" and not (dtype is None or isinstance(dtype, mx.Dtype)):  # torch: its own names, checked there
         mlx_dtype(dtype if isinstance(dtype, str) else repr(dtype))  # a UserError naming the dtypes
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise LoadError(f"max_batch must be a whole number from 1 (scripts generated together); got {max_batch!r}.")
