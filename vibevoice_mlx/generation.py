@@ -266,7 +266,7 @@ def check_call(pipe, scripts, voices, kwargs) -> List[Optional[list]]:
                         "and stop.")
     if voices is None:
         return [None] * len(scripts)
-    if isinstance(voices, _VOICE) or not isinstance(voices, (list, tuple)):
+    if not isinstance(voices, (list, tuple)):
         raise UserError("voices of a batch: give one list (or None) per script.")
     if len(voices) != len(scripts):
         raise UserError(f"{len(voices)} voice lists for {len(scripts)} scripts: give one (or None) per script.")
@@ -338,7 +338,7 @@ def stream_generate(pipe, script: str, voices: Optional[Sequence] = None, config
     """Generate speech for `script`, yielding audio chunks (3200 samples per frame) as they are produced.
 
     pipe: what `vibevoice_mlx.load` returned. voices: one per speaker, in speaker order: audio file paths, float32
-    arrays at 24 kHz, or saved voices (.safetensors from `save_voice`). Keyword arguments override fields of
+    arrays at 24 kHz, or saved voices (.safetensors from `save_voice`); a single one may be given as it is. Keyword arguments override fields of
     `config` (steps, cfg_scale, temperature, top_p, seed, max_seconds, voice_noise). `sampler(logits, token_ids)`
     chooses the next token among the control tokens; `noise` supplies each frame's initial diffusion noise;
     `stop()` returning True ends the script at its next step.
