@@ -43,7 +43,7 @@ def check_input_file(path: PathLike, what: str = "Audio file", pipe_ok: bool = T
         return True
     kind = "a folder" if stat.S_ISDIR(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else \
         "a pipe, which can be read only once" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else \
-        "not a file"
+        "a special file"
     raise UserError(f"{what} {path} is {kind}, not a regular file: give an audio file (.wav, .flac, .mp3, ...).")
 
 
