@@ -45,8 +45,8 @@ def convert(
     mlx_path: str,
     dtype: str = "float16",
     quantize: bool = False,
-    q_bits: int = 4,
-    q_group_size: int = 64,
+    q_bits: Optional[int] = None,
+    q_group_size: Optional[int] = None,
     tokenizer: Optional[str] = None,
     force: bool = False,
     upload_repo: Optional[str] = None,
@@ -57,13 +57,18 @@ def convert(
     """Convert `model` (local folder or hub repo id, original or transformers layout) to an MLX folder.
 
     `dtype` is the storage dtype of the weights (tensors that must stay float32 do); `quantize` quantizes the
-    language model's Linear layers to `q_bits` with groups of `q_group_size`. Tokenizer files come from the
+    language model's Linear layers to `q_bits` (default 4) with groups of `q_group_size` (default 64); either
+    without `quantize` is refused, as it would quantize nothing. Tokenizer files come from the
     source, from `tokenizer` (folder or repo id), or from the Qwen repo the source's preprocessor config names.
     Returns the folder.
     """
     start = time.perf_counter()
     if dtype not in DTYPE_NAMES:
         raise ConversionError(f"dtype {dtype!r} is not one of {', '.join(DTYPE_NAMES)}.")
+    if not quantize and (q_bits is not None or q_group_size is not None):
+        raise ConversionError("--q-bits and --q-group-size take effect with -q (--quantize): add -q to quantize "
+                              "the language model, or leave them out.")
+    q_bits, q_group_size = q_bits or 4, q_group_size or 64
     if quantize and (q_bits not in Q_BITS or q_group_size not in Q_GROUP_SIZES):
         raise ConversionError(f"Quantization needs bits in {Q_BITS} and a group size in {Q_GROUP_SIZES}.")
     target = Path(mlx_path).expanduser().absolute()
@@ -298,6 +303,8 @@ def _check_target(target: Path, source: Optional[Path], force: bool) -> None:
             raise ConversionError(f"--mlx-path {target} holds the source checkpoint: --force would delete it.")
     if not target.parent.is_dir() and not is_comfyui_model_folder(target.parent):
         raise ConversionError(f"The folder {target.parent} (parent of --mlx-path) does not exist.")
+    if not os.access(target.parent, os.W_OK | os.X_OK):
+        raise ConversionError(f"Cannot write --mlx-path {target}: the folder {target.parent} is not writable.")
 
 
 def is_comfyui_model_folder(folder: Path) -> bool:

@@ -28,3 +28,34 @@ def pytest_collection_modifyitems(config, items):
 def tiny(tmp_path_factory):
     """The seeded tiny checkpoint in both layouts: {'original', 'transformers', 'tokenizer'} -> folder."""
     return tiny_checkpoint(tmp_path_factory.mktemp("tiny"), committed=COMMITTED_TINY)
+
+
+@pytest.fixture
+def read_only_folder(tmp_path, monkeypatch):
+    """A folder nothing can be written in, for root too (CI runs as root, which ignores permission bits): a
+    tmpfs mounted read-only where this process may mount, else the permission bits; as root without mount
+    rights, `os.access` answers as for anyone else (the pre-checks are then what is tested)."""
+    import subprocess
+
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    (folder / "existing.txt").write_text("x")
+    mounted = os.geteuid() == 0 and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs", str(folder)], capture_output=True).returncode == 0
+    if mounted:
+        (folder / "existing.txt").write_text("x")
+        subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True, capture_output=True)
+    else:
+        folder.chmod(0o555)
+        if os.geteuid() == 0:
+            real_access = os.access
+            inside = lambda p: str(p) == str(folder) or str(p).startswith(str(folder) + os.sep)  # noqa: E731
+            monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if inside(p) and mode & os.W_OK
+                                else real_access(p, mode, **kw))
+    try:
+        yield folder
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(folder)], capture_output=True)
+        else:
+            folder.chmod(0o755)

@@ -227,3 +227,85 @@ def test_saved_voice_mismatch(tmp_path):
     sf.write(wav, np.zeros(100), SR)
     with pytest.raises(ValueError, match="not a saved voice"):
         load_voice(wav)
+
+
+def test_a_saved_voice_without_latents_says_so(tmp_path):
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "v.safetensors"
+    save_file({"other": np.zeros((2, 8), np.float32)}, str(path), metadata={"format": "vibevoice-mlx-voice"})
+    with pytest.raises(ValueError, match="saved voice without its 'latents' tensor") as e:
+        load_voice(path)
+    assert "expected" not in str(e.value)
+
+
+@pytest.mark.parametrize("case, message", [("folder", "is a folder, not a regular file"),
+                                           ("/dev/zero", "is a device, not a regular file"),
+                                           ("missing", "Voice file not found")])
+def test_a_voice_that_is_not_a_file_says_what_it_is(tmp_path, case, message):
+    from vibevoice_mlx.errors import UserError
+    from vibevoice_mlx.voices import read_voice
+
+    path = {"folder": tmp_path, "/dev/zero": Path("/dev/zero"), "missing": tmp_path / "nothing.wav"}[case]
+    with pytest.raises(UserError, match=message):
+        read_voice(str(path))  # /dev/zero: refused without reading from it (it would never end)
+
+
+@pytest.mark.parametrize("ext", [".wav", ".flac"])
+def test_a_voice_from_a_pipe_is_read_once_into_memory(tmp_path, ext):
+    """`--voice <(sox ...)` hands over a pipe: it is read whole, once, as the file it carries."""
+    import threading
+
+    from vibevoice_mlx.voices import read_voice
+
+    clip = tmp_path / ("clip" + ext)
+    sf.write(clip, sine(220, 0.5, 16000), 16000)
+    fifo = tmp_path / "voice.pipe"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_bytes(clip.read_bytes()), daemon=True)
+    writer.start()
+    got = read_voice(str(fifo))
+    writer.join(timeout=10)
+    np.testing.assert_array_equal(got, read_voice(str(clip)))
+
+
+def test_a_pipe_longer_than_a_voice_is_refused(tmp_path, monkeypatch):
+    import threading
+
+    from vibevoice_mlx import audio
+
+    monkeypatch.setattr(audio, "MAX_PIPE_BYTES", 1000)
+    fifo = tmp_path / "voice.pipe"
+    os.mkfifo(fifo)
+
+    def feed():
+        try:
+            with open(fifo, "wb") as f:
+                f.write(b"\0" * 5000)
+        except BrokenPipeError:  # the reader stopped at its limit: expected
+            pass
+
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    with pytest.raises(ValueError, match="streams more than"):
+        load_audio(fifo)
+    writer.join(timeout=10)
+
+
+def test_say_takes_a_voice_from_process_substitution(tiny, tmp_path):
+    import threading
+
+    from click.testing import CliRunner
+
+    from vibevoice_mlx.cli import main
+
+    clip = tmp_path / "clip.wav"
+    sf.write(clip, sine(220, 1.0, SR), SR)
+    fifo = tmp_path / "voice.pipe"  # what `--voice <(cat clip.wav)` hands over
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_bytes(clip.read_bytes()), daemon=True)
+    writer.start()
+    r = CliRunner().invoke(main, ["say", "Speaker 1: Hi.", "--voice", str(fifo), "--model", str(tiny["original"]),
+                                  "--tokenizer", str(tiny["tokenizer"]), "--dry-run"])
+    writer.join(timeout=10)
+    assert r.exit_code == 0 and "Error" not in r.output, r.output

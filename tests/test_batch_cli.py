@@ -138,8 +138,12 @@ def reference(model, tmp_path_factory):
     ('{"id": "bad id!", "script": "Speaker 1: Hi."}', "'id' must be"),
     ('{"id": "x"}', "exactly one of 'script'"),
     ('{"id": "x", "script": "Speaker 1: Hi.", "file": "a.txt"}', "exactly one of 'script'"),
-    ('{"id": "x", "script": "Speaker 1: Hi.", "seed": -1}', "'seed' must be"),
-    ('{"id": "x", "script": "Speaker 1: Hi.", "steps": 0}', "'steps' must be an integer 1..100"),
+    ('{"id": "x", "script": "Speaker 1: Hi.", "seed": -1}', "seed must be a whole number from 0"),
+    ('{"id": "x", "script": "Speaker 1: Hi.", "steps": 0}', "steps must be a whole number from 1"),
+    ('{"id": "x", "script": "Speaker 1: Hi.", "cfg_scale": NaN}', "cfg_scale must be a number from 0 to 100; got nan"),
+    ('{"id": "x", "script": "Speaker 1: Hi.", "cfg_scale": -5}', "cfg_scale must be a number from 0 to 100; got -5"),
+    ('{"id": "x", "script": "Speaker 1: Hi.", "seed": 18446744073709551616}',
+     "seed must be a whole number from 0 to 18446744073709551615; got 18446744073709551616"),
     ('{"id": "x", "script": "Speaker 1: Hi.", "voices": "alice.wav"}', "'voices' must be a list"),
     ('{"id": "x", "script": "Speaker 1: Hi.", "output": "../x.wav"}', "must stay inside --out-dir"),
     ('{"id": "x", "script": "Speaker 1: Hi.", "output": "x.txt"}', "needs an audio extension"),
@@ -154,6 +158,27 @@ def test_a_bad_manifest_line_is_one_line_naming_it(tmp_path, line, message):
     [error] = [ln for ln in r.output.splitlines() if ln.startswith("Error:")]
     assert "jobs.jsonl line 3" in error and message in error, error
     assert not (tmp_path / "out").exists()  # nothing is made before the manifest is right
+
+
+@pytest.mark.parametrize("option", [["--cfg-scale", "nan"], ["--cfg-scale", "-5"], ["--top-p", "inf"],
+                                    ["--seed", str(2**64)]])
+def test_a_bad_default_option_is_refused_before_anything(tmp_path, option):
+    manifest = write_project(tmp_path)
+    r = CliRunner().invoke(batch, [str(manifest), "--out-dir", str(tmp_path / "out"), "--model", "unused", *option])
+    assert r.exit_code in (1, 2) and "Traceback" not in r.output, r.output
+    [error] = [ln for ln in r.output.splitlines() if ln.startswith("Error:")]
+    assert option[0] in error or option[0].lstrip("-").replace("-", "_") in error, error
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where", ["existing", "new"])
+def test_a_read_only_out_dir_is_one_line(tmp_path, read_only_folder, where):
+    manifest = write_project(tmp_path)
+    out = read_only_folder if where == "existing" else read_only_folder / "out"
+    r = CliRunner().invoke(batch, [str(manifest), "--out-dir", str(out), "--model", "unused"])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    [error] = [ln for ln in r.output.splitlines() if ln.startswith("Error:")]
+    assert f"--out-dir {out}" in error and ("not writable" in error or "Cannot create" in error), error
 
 
 def test_manifest_defaults_and_shards(tmp_path):
@@ -280,3 +305,50 @@ def test_two_shards_in_two_processes_share_the_folder(reference, model, tmp_path
     pid = {e["id"]: e["pid"] for e in events if e["event"] == "done"}
     assert {pid[j["id"]] for j in JOBS[0::2]} == {procs[0].pid} and {pid[j["id"]] for j in JOBS[1::2]} == {procs[1].pid}
     assert_same_audio(audio_of(out), reference[1])
+
+
+def test_a_job_another_run_is_making_is_left_to_it(reference, model, tmp_path):
+    from vibevoice_mlx.batch_jobs import claim, release
+
+    manifest = write_project(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    held = read_manifest(manifest)[1]  # "duo", into sub/duo.flac: as another process making it would hold it
+    fd = claim(out, held)
+    assert fd is not None and claim(out, held) is None  # exclusive, even within one process
+    try:
+        r = run_batch(manifest, out, model, "--batch-size", 2)
+    finally:
+        release(out, held, fd)
+    assert r.exit_code == 0, r.output
+    assert "busy    duo -> sub/duo.flac (another run is making it)" in r.output, r.output
+    assert "5 done, 0 skipped, 0 failed, 1 being made by another run" in r.output, r.output
+    assert not (out / "sub" / "duo.flac").exists()
+    r = run_batch(manifest, out, model)  # its claim given back (as a killed run's is): the next run makes it
+    assert r.exit_code == 0 and "1 done, 5 skipped" in r.output, r.output
+    check_exactly_once(out)
+    assert_same_audio(audio_of(out), reference[1])
+
+
+def test_two_unsharded_runs_on_one_folder_make_each_job_once(reference, model, tmp_path):
+    manifest = write_project(tmp_path)
+    out = tmp_path / "out"
+    procs = [subprocess.Popen(cli(manifest, "--out-dir", out, "--model", model, "--force-frames", FRAMES,
+                                  "--batch-size", 1), stderr=subprocess.PIPE, text=True, env=ENV)
+             for _ in range(2)]
+    logs = [p.communicate(timeout=180)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    check_exactly_once(out)
+    assert_same_audio(audio_of(out), reference[1])
+
+
+def test_a_voice_that_is_a_folder_or_a_pipe_fails_its_job_saying_what_it_is(tmp_path):
+    from vibevoice_mlx.batch_jobs import prepare
+    from vibevoice_mlx.errors import UserError
+
+    os.mkfifo(tmp_path / "voice.pipe")  # never opened: a batch hashes a voice and decodes it later, two reads
+    for voice, message in [(tmp_path, "is a folder, not a regular file"),
+                           (tmp_path / "voice.pipe", "is a pipe, which can be read only once")]:
+        [job] = read_manifest(write_project(tmp_path, [{"id": "x", "script": "Speaker 1: Hi.", "voices": [str(voice)]}]))
+        with pytest.raises(UserError, match=message):
+            prepare(job, {})

@@ -161,6 +161,16 @@ def test_a_missing_model_is_refused_before_anything_is_measured(tmp_path, monkey
     assert r.exit_code == 1 and r.output.strip().splitlines() == [want], r.output
 
 
+def test_compare_torch_without_a_transformers_folder_is_refused_before_anything_is_measured(tiny, monkeypatch):
+    def measured():
+        raise AssertionError("the bandwidth was measured before --compare torch was checked")
+
+    monkeypatch.setattr(bench_report, "read_bandwidth", measured)
+    r = CliRunner().invoke(main, ["bench", "--model", str(tiny["original"]), "--compare", "torch"])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert r.output.strip().splitlines()[-1].startswith("Error: --compare torch times transformers"), r.output
+
+
 def test_a_peer_python_that_cannot_run_mlx_audio_is_refused_before_any_timing(tiny, tmp_path):
     from vibevoice_mlx.bench_peers import check_peer_python
 

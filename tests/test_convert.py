@@ -419,3 +419,23 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tiny, tmp_path, monkeypatch)
     assert r.exit_code == 1 and "Traceback" not in r.output, r.output
     assert "No space left on device while writing" in r.output and "nothing was written" in r.output, r.output
     assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("option", [["--q-bits", "8"], ["--q-group-size", "32"]])
+def test_quantization_settings_without_q_are_refused(tiny, tmp_path, option):
+    r = CliRunner().invoke(main, ["convert", "--model", str(tiny["original"]), "--mlx-path", str(tmp_path / "m"),
+                                  "--tokenizer", str(tiny["tokenizer"]), *option])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert r.output.strip().splitlines()[-1].startswith("Error: --q-bits and --q-group-size take effect with -q")
+    assert not (tmp_path / "m").exists()
+    with pytest.raises(ConversionError, match="add -q"):
+        convert(str(tiny["original"]), str(tmp_path / "m"), q_bits=8)
+
+
+def test_a_read_only_mlx_path_is_one_line(tiny, read_only_folder):
+    target = read_only_folder / "mlx"
+    r = CliRunner().invoke(main, ["convert", "--model", str(tiny["original"]), "--mlx-path", str(target),
+                                  "--tokenizer", str(tiny["tokenizer"])])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    [error] = [line for line in r.output.splitlines() if line.startswith("Error:")]
+    assert f"Cannot write --mlx-path {target}" in error and "not writable" in error, error

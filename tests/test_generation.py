@@ -201,3 +201,42 @@ def test_a_float16_overflow_is_recomputed_in_float32_and_the_run_goes_on(tiny, c
     assert r.frames == 3 and np.isfinite(r.audio).all() and np.abs(r.audio).max() > 65504
     notes = [m for m in caplog.messages if "recomputed it with the frame stages in float32" in m]
     assert len(notes) == 1 and "frame 1" in notes[0]
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda p: vv.generate(p, None), "script 1 must be text (str), not NoneType"),
+    (lambda p: vv.generate(p, b"Speaker 1: Hi."), "not bytes (decode it first"),
+    (lambda p: vv.generate(p, "Speaker 1: Hi.", colour=3), "Unknown keyword 'colour'"),
+    (lambda p: vv.stream_generate(p, "Speaker 1: Hi.", stepz=3), "Unknown keyword 'stepz'"),  # at the call
+    (lambda p: vv.generate(p, "Speaker 1: Hi.", voices=3), "voices of script 1: give a list"),
+    (lambda p: vv.generate_batch(p, "Speaker 1: Hi."), "scripts must be a list"),
+    (lambda p: vv.generate_batch(p, ["Speaker 1: Hi."], voices="a.wav"), "one list (or None) per script"),
+    (lambda p: vv.generate("model-folder", "Speaker 1: Hi."), "what vibevoice_mlx.load() returns"),
+])
+def test_api_misuse_is_one_user_error(pipe, call, message):
+    from vibevoice_mlx.errors import UserError
+
+    with pytest.raises(UserError) as e:
+        call(pipe)
+    assert message in str(e.value), e.value
+
+
+def test_a_single_voice_path_is_a_one_voice_list(pipe, tmp_path):
+    import soundfile as sf
+
+    path = tmp_path / "alice.wav"
+    sf.write(path, 0.2 * np.random.default_rng(0).standard_normal(24000).astype(np.float32), 24000)
+    one = vv.generate(pipe, "Speaker 1: Hi.", voices=str(path), sampler=frames_then_stop(2), seed=1)
+    listed = vv.generate(pipe, "Speaker 1: Hi.", voices=[str(path)], sampler=frames_then_stop(2), seed=1)
+    assert one.frames == 2 and np.array_equal(one.audio, listed.audio)
+
+
+@pytest.mark.parametrize("kwargs, message", [({"max_batch": 0}, "max_batch must be a whole number from 1"),
+                                             ({"max_batch": 2.5}, "max_batch"),
+                                             ({"dtype": "int8"}, "dtype 'int8' is not one of"),
+                                             ({"backend": "jax"}, "Unknown backend")])
+def test_load_arguments_are_checked_before_reading_anything(tmp_path, kwargs, message):
+    from vibevoice_mlx.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        vv.load(tmp_path / "not-read", **kwargs)  # the folder does not exist: the argument is refused first

@@ -11,7 +11,9 @@ from mlx.utils import tree_flatten
 
 import vibevoice_mlx as vv
 from vibevoice_mlx import generation
+from vibevoice_mlx.checkpoint import read_checkpoint
 from vibevoice_mlx.cli import main
+from vibevoice_mlx.errors import UserError
 from vibevoice_mlx.loader import LoadError, load_model
 from vibevoice_mlx.testing import HUB_COMMIT, cache_repo, offline_hub
 
@@ -155,3 +157,53 @@ def test_quantized_model_on_the_cpu_warns(tiny, tmp_path, caplog):
         load_model(folder)
     slow = any("quantized matmuls" in m for m in caplog.messages)
     assert slow == (mx.default_device() != mx.gpu)
+
+
+@pytest.mark.parametrize("gen, field", [({"steps": 0}, "'steps'"), ({"guidance_scale": float("nan")}, "'guidance_scale'"),
+                                        ({"num_diffusion_steps": 2.5}, "'num_diffusion_steps'")])
+def test_bad_generation_defaults_name_the_file_and_field(tiny, tmp_path, gen, field):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny["original"], folder)
+    (folder / "generation_config.json").write_text(json.dumps(gen))
+    with pytest.raises(LoadError) as e:
+        read_checkpoint(folder)
+    assert str(folder / "generation_config.json") in str(e.value) and field in str(e.value), e.value
+
+
+@pytest.fixture(scope="module")
+def converted(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("converted") / "tiny-mlx"
+    vv.convert(str(tiny["original"]), str(out), tokenizer=str(tiny["tokenizer"]))
+    return out
+
+
+def _hidden_size_as_text(c):
+    c["decoder_config"]["hidden_size"] = "64"
+    return c
+
+
+def _no_vae_dim(c):
+    del c["semantic_tokenizer_config"]["vae_dim"]
+    return c
+
+
+@pytest.mark.parametrize("layout", ["original", "mlx"])
+@pytest.mark.parametrize("edit, field", [(lambda c: {}, "neither 'decoder_config'"),
+                                         (lambda c: [], "holds a JSON list"),
+                                         (_hidden_size_as_text, "decoder_config.hidden_size must be a positive integer"),
+                                         (_no_vae_dim, "semantic_tokenizer_config.vae_dim is missing")])
+def test_a_bad_config_json_is_one_line_naming_the_file_and_field(tiny, converted, tmp_path, layout, edit, field):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny["original"] if layout == "original" else converted, folder)
+    config = edit(json.loads((folder / "config.json").read_text()))
+    (folder / "config.json").write_text(json.dumps(config))
+    r = CliRunner().invoke(main, ["say", "Speaker 1: Hi.", "--model", str(folder), "--tokenizer",
+                                  str(tiny["tokenizer"]), "--dry-run"])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    [error] = [line for line in r.output.splitlines() if line.startswith("Error")]
+    assert str(folder / "config.json") in error and field in error, error
+
+
+def test_the_torch_backend_on_a_converted_folder_says_what_the_folder_is(converted):
+    with pytest.raises(UserError, match="is a converted MLX folder, which only the MLX backend runs"):
+        vv.load(converted, backend="torch")

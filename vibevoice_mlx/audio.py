@@ -4,9 +4,11 @@ Voices are read with soundfile (libsndfile: WAV, FLAC, OGG, MP3, ...), mixed to 
 libsoxr and normalized to -25 dBFS as the original processor does (architecture.md §5.3).
 """
 
+import io
 import logging
 import math
 import os
+import stat
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
@@ -23,13 +25,45 @@ HOP = 3200  # samples per latent frame: product of the acoustic encoder's ratios
 
 PathLike = Union[str, os.PathLike]
 
-def load_audio(path: PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Read any file soundfile can read as float32 mono at `sample_rate` (channels averaged, soxr resampling)."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingPathError(f"Audio file not found: {path}")
+MAX_PIPE_BYTES = 256 << 20  # a voice read from a pipe is held in memory: minutes of audio, not a stream
+
+
+def check_input_file(path: PathLike, what: str = "Audio file", pipe_ok: bool = True) -> bool:
+    """One line unless `path` is a regular file or, with `pipe_ok`, a pipe (a FIFO, or `<(...)` process
+    substitution); returns True for a pipe. A device such as /dev/zero is refused without reading from it."""
     try:
-        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise MissingPathError(f"{what} not found: {path}") from None
+    except OSError as e:
+        raise UserError(f"Cannot read {path}: {e.strerror or e}.") from None
+    if stat.S_ISREG(mode):
+        return False
+    if stat.S_ISFIFO(mode) and pipe_ok:
+        return True
+    kind = "a folder" if stat.S_ISDIR(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else \
+        "a pipe, which can be read only once" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else \
+        "a special file"
+    raise UserError(f"{what} {path} is {kind}, not a regular file: give an audio file (.wav, .flac, .mp3, ...).")
+
+
+def _read_pipe(path: Path) -> io.BytesIO:
+    """All of a pipe, once, into memory (it cannot be read again), up to MAX_PIPE_BYTES."""
+    with open(path, "rb") as f:
+        data = f.read(MAX_PIPE_BYTES + 1)
+    if len(data) > MAX_PIPE_BYTES:
+        raise UserError(f"{path} streams more than {MAX_PIPE_BYTES >> 20} MiB: a voice sample is seconds long; "
+                        "save a clip of it to a file.")
+    return io.BytesIO(data)
+
+
+def load_audio(path: PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Read any file soundfile can read as float32 mono at `sample_rate` (channels averaged, soxr resampling).
+    A pipe (`--voice <(...)`) is read once, whole, into memory."""
+    path = Path(path)
+    source = _read_pipe(path) if check_input_file(path) else str(path)
+    try:
+        data, sr = sf.read(source, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError) as e:
         raise UserError(f"Cannot read {path} as audio ({e}); formats: {', '.join(sorted(sf.available_formats()))}")
     if data.shape[0] == 0:
@@ -119,16 +153,18 @@ def load_voice(path: PathLike, vae_dim: Optional[int] = None, hop: Optional[int]
     from safetensors import safe_open
 
     path = Path(path)
-    if not path.is_file():
-        raise MissingPathError(f"Saved voice not found: {path}")
+    check_input_file(path, "Saved voice", pipe_ok=False)
     try:
         with safe_open(str(path), framework="numpy") as f:
             info = dict(f.metadata() or {})
             latents = f.get_tensor("latents") if "latents" in f.keys() else None
     except Exception as e:  # safetensors raises its own error types for a file that is not safetensors
         raise UserError(f"{path} is not a saved voice (cannot read it as safetensors: {e}).") from e
-    if info.get("format") != VOICE_FORMAT or latents is None:
+    if info.get("format") != VOICE_FORMAT:
         raise UserError(f"{path} is not a saved voice (format {info.get('format')!r}, expected {VOICE_FORMAT!r}).")
+    if latents is None:
+        raise UserError(f"{path} is a saved voice without its 'latents' tensor: the file is damaged; save the voice "
+                        "again from its audio.")
     try:
         meta: Dict = {**info, **{k: int(info[k]) for k in _VOICE_INT_KEYS}}
     except (KeyError, ValueError) as e:

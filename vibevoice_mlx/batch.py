@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import click
 
 from .batch_jobs import Job, is_finished, log_event, parse_shard, prepare, read_manifest
-from .batch_run import DONE, FAILED, MAX_BATCH, SKIPPED, Outcome, Runner
+from .batch_run import BUSY, DONE, FAILED, MAX_BATCH, SKIPPED, Outcome, Runner
 from .checkpoint import model_identity
 from .errors import CLIError, UserError, user_errors
 
@@ -60,11 +60,22 @@ def plan(jobs: List[Job], out_dir: Path, run: Dict) -> Tuple[List[Job], List[Out
     return todo, known
 
 
+def writable_folder(out_dir: Path) -> None:
+    """--out-dir made if missing and writable, or one line saying why not (before any job is looked at)."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"Cannot create --out-dir {out_dir}: {e.strerror or e}; choose another folder.") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise UserError(f"--out-dir {out_dir} is not writable: choose another folder.")
+
+
 def summary(outcomes: Sequence[Outcome], wall: float) -> str:
-    counts = {s: sum(o.status == s for o in outcomes) for s in (DONE, SKIPPED, FAILED)}
+    counts = {s: sum(o.status == s for o in outcomes) for s in (DONE, SKIPPED, FAILED, BUSY)}
     audio = sum(o.audio_seconds for o in outcomes if o.status == DONE)
     speed = f"{audio / wall:.2f}x real time" if wall > 0 else "-"
-    return (f"{counts[DONE]} done, {counts[SKIPPED]} skipped, {counts[FAILED]} failed; "
+    busy = f", {counts[BUSY]} being made by another run" if counts[BUSY] else ""
+    return (f"{counts[DONE]} done, {counts[SKIPPED]} skipped, {counts[FAILED]} failed{busy}; "
             f"{audio / 3600:.2f} h of audio ({audio:.1f} s) in {wall:.1f} s, {speed}")
 
 
@@ -107,7 +118,7 @@ def batch(ctx, manifest, out_dir, model, dtype, tokenizer, batch_size, shard, ra
         jobs = read_manifest(manifest, defaults)
         shard_spec = parse_shard(shard) if shard is not None else None
         rank = launched_rank()
-    out_dir.mkdir(parents=True, exist_ok=True)
+        writable_folder(out_dir)
     mine = select(jobs, shard_spec, rank)
     where = (f"shard {shard} " if shard else "") + (f"rank {rank[0]}/{rank[1]} " if rank[1] > 1 else "")
     if not quiet:
@@ -143,5 +154,6 @@ def _report(o: Outcome, quiet: bool) -> None:
     if o.status == FAILED:
         click.echo(f"failed  {o.id}: {o.message}", err=True)
     elif not quiet:
-        extra = f" ({o.audio_seconds:.1f} s{', cut short' if o.truncated else ''})" if o.status == DONE else ""
+        extra = f" ({o.audio_seconds:.1f} s{', cut short' if o.truncated else ''})" if o.status == DONE else \
+            f" ({o.message})" if o.message else ""
         click.echo(f"{o.status:<7} {o.id} -> {o.output}{extra}", err=True)

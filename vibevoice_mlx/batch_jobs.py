@@ -28,23 +28,26 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from .constants import check_option
 from .errors import UserError
 
-OPTIONS = {  # job key -> (type check, what it must be)
-    "steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 100, "an integer 1..100"),
-    "cfg_scale": (lambda v: _number(v), "a number"),
-    "temperature": (lambda v: _number(v) and v >= 0, "a number >= 0"),
-    "top_p": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
-    "max_seconds": (lambda v: _number(v) and v > 0, "a number > 0"),
-}
+try:
+    import fcntl
+except ImportError:  # not on Windows
+    fcntl = None
+
+OPTIONS = ("steps", "cfg_scale", "temperature", "top_p", "max_seconds")  # checked as the API checks them
 KEYS = ("id", "script", "file", "voices", "seed", "output", *OPTIONS)
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 EVENT_LOG = "batch-log.jsonl"  # one line per job event, from every process writing to the folder
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+def _check(key: str, value, where: str) -> None:
+    try:
+        check_option(key, value)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
 
 
 @dataclass
@@ -111,16 +114,14 @@ def parse_job(obj, line: int, where: str, base: Path, defaults: Dict[str, Any]) 
     seed = obj.get("seed", defaults.get("seed"))
     if seed is None:
         seed = default_seed(job_id)
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
-        raise UserError(f"{where}: 'seed' must be a non-negative integer.")
+    _check("seed", seed, where)
     options = {k: v for k, v in defaults.items() if k in OPTIONS and v is not None}
-    for key, (ok, what) in OPTIONS.items():
+    for key in OPTIONS:
         if key in obj:
-            if not ok(obj[key]):
-                raise UserError(f"{where}: {key!r} must be {what} (got {obj[key]!r}).")
+            _check(key, obj[key], where)
             options[key] = obj[key]
     output = _check_output(obj.get("output", f"{job_id}.wav"), where)
-    return Job(job_id, line, output, seed, script, file, [str(base / v) for v in voices], options)
+    return Job(job_id, line, output, int(seed), script, file, [str(base / v) for v in voices], options)
 
 
 def read_manifest(path, defaults: Optional[Dict[str, Any]] = None) -> List[Job]:
@@ -132,6 +133,9 @@ def read_manifest(path, defaults: Optional[Dict[str, Any]] = None) -> List[Job]:
         raise UserError(f"Manifest not found: {path}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"Cannot read the manifest {path}: {e}") from None
+    for key in ("seed", *OPTIONS):  # the command's defaults (--cfg-scale ...), checked as a job's own values
+        if (defaults or {}).get(key) is not None:
+            _check(key, defaults[key], "--" + key.replace("_", "-"))
     base = path.parent.resolve()  # absolute, so that workers started elsewhere (Ray) find the files
     jobs: List[Job] = []
     ids: Dict[str, int] = {}
@@ -175,6 +179,7 @@ def _sha256(path: Path) -> str:
 def prepare(job: Job, run: Dict[str, Any]) -> Job:
     """Read the job's script and hash its voices; `run` holds the settings shared by all jobs (model, dtype, ...).
     A missing or unreadable file, or a script the processor refuses, is a UserError for this job alone."""
+    from .audio import check_input_file
     from .processor import parse_script, read_script_file
 
     if job.script is None:
@@ -182,8 +187,7 @@ def prepare(job: Job, run: Dict[str, Any]) -> Job:
     parse_script(job.script)
     voices = []
     for v in job.voices:
-        if not Path(v).is_file():
-            raise UserError(f"Voice file not found: {v}")
+        check_input_file(v, "Voice file", pipe_ok=False)  # read twice: hashed here, decoded when made
         voices.append(_sha256(Path(v)))  # the bytes decide, not where the file lies
     job.settings = {"script_sha256": hashlib.sha256(job.script.encode("utf-8")).hexdigest(), "voices": voices,
                     "seed": job.seed, **{k: job.options.get(k) for k in OPTIONS}, **run}
@@ -204,6 +208,40 @@ def is_finished(out_dir: Path, job: Job) -> bool:
     except (OSError, ValueError, AttributeError):
         return False
     return recorded == json.loads(json.dumps(job.settings))  # compared as JSON, as it was written
+
+
+def claim(out_dir: Path, job: Job) -> Optional[int]:
+    """Take `job` for this process before making it, as `say` locks its output: an exclusive `flock` on a hidden
+    claim file beside the output, held until `release`. None when another run holds it (a second process on the
+    same folder then leaves the job to it); the kernel drops the lock of a killed run, so a rerun can take it."""
+    final = Path(out_dir) / job.output
+    final.parent.mkdir(parents=True, exist_ok=True)
+    path = _claim_path(final)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        if fcntl is None:  # Windows: no claims, everything else works
+            return fd
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:  # the holder may have released and removed the file between our open and our lock: open it again
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def release(out_dir: Path, job: Job, fd: int) -> None:
+    """Give a claim back: the file is removed while still locked, so no run can lock a file that is gone."""
+    _claim_path(Path(out_dir) / job.output).unlink(missing_ok=True)
+    os.close(fd)
+
+
+def _claim_path(final: Path) -> Path:
+    return final.with_name(f".{final.name}.claim")
 
 
 def _temp_name(final: Path) -> Path:

@@ -9,12 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
-from .batch_jobs import Job, is_finished, log_event, write_outputs
+from .batch_jobs import Job, claim, is_finished, log_event, release, write_outputs
 from .errors import UserError
 
 logger = logging.getLogger(__name__)
 
-DONE, SKIPPED, FAILED = "done", "skipped", "failed"
+DONE, SKIPPED, FAILED, BUSY = "done", "skipped", "failed", "busy"  # busy: another run is making it
 MAX_BATCH = 8  # scripts per forward pass at most by default: past that a step's cost grows about linearly
 
 
@@ -101,15 +101,35 @@ class Runner:
                 yield from self._run_batch(group[k:k + self.batch_size])
 
     def _run_batch(self, jobs: List[Job]) -> Iterator[Outcome]:
-        todo = []
-        for job in jobs:  # a retried Ray task, or another process, may have finished some meanwhile
-            if is_finished(self.out_dir, job):
-                log_event(self.out_dir, SKIPPED, id=job.id)
-                yield Outcome(job.id, SKIPPED, job.output)
-            else:
-                todo.append(job)
-        if not todo:
-            return
+        """Claim the jobs nobody has finished or is making (a retried Ray task, or another process on the same
+        folder, may have), make them, give the claims back."""
+        todo, held = [], []
+        try:
+            for job in jobs:
+                if is_finished(self.out_dir, job):
+                    yield self._skipped(job)
+                    continue
+                fd = claim(self.out_dir, job)
+                if fd is None:
+                    log_event(self.out_dir, BUSY, id=job.id)
+                    yield Outcome(job.id, BUSY, job.output, message="another run is making it")
+                    continue
+                held.append((job, fd))
+                if is_finished(self.out_dir, job):  # the other run finished it just before our claim
+                    yield self._skipped(job)
+                else:
+                    todo.append(job)
+            if todo:
+                yield from self._make(todo)
+        finally:
+            for job, fd in held:
+                release(self.out_dir, job, fd)
+
+    def _skipped(self, job: Job) -> Outcome:
+        log_event(self.out_dir, SKIPPED, id=job.id)
+        return Outcome(job.id, SKIPPED, job.output)
+
+    def _make(self, todo: List[Job]) -> Iterator[Outcome]:
         log_event(self.out_dir, "start", ids=[j.id for j in todo])
         started = time.time()
         try:
@@ -118,7 +138,7 @@ class Runner:
             if len(todo) > 1:
                 logger.info("A batch of %d failed (%s); running its jobs one by one", len(todo), e)
                 for job in todo:
-                    yield from self._run_batch([job])
+                    yield from self._make([job])
                 return
             yield self._failed(todo[0], e)
             return

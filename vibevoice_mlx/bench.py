@@ -338,6 +338,9 @@ def run_bench(model=None, random_size: Optional[str] = None, tokenizer=None, bac
 
         if read_checkpoint(folder).layout == TRANSFORMERS:
             torch_model = model  # transformers reads this folder as it is
+        else:  # refused now, not after the MLX runs are measured
+            raise UserError("--compare torch times transformers on a transformers-layout checkpoint: pass "
+                            "--torch-model <folder> (--random-weights has one).")
     doc = {"machine": report.machine(), "blas": describe(), "model": str(model),
            "random_weights": random_size, "settings": asdict(s), "systems": []}
     doc["bandwidth"] = report.read_bandwidth()
@@ -360,9 +363,6 @@ def run_bench(model=None, random_size: Optional[str] = None, tokenizer=None, bac
     for peer in compare:
         peer_name = "transformers" if peer == "torch" else peer
         folder = torch_model if peer_name == "transformers" else model
-        if folder is None:
-            raise UserError("--compare torch times transformers on a transformers-layout checkpoint: pass "
-                            "--torch-model <folder> (--random-weights has one).")
         peer_settings = dict(asdict(s), dtype=dtype or "float32")
         try:
             r = run_peer(peer_name, folder, peer_settings, tokenizer, peer_python if peer_name == "mlx-audio" else None)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-from .constants import GENERATION_CONFIG
+from .constants import GENERATION_CONFIG, check_option
 from .errors import UserError
 from .keys import ORIGINAL, TRANSFORMERS
 
@@ -286,11 +286,83 @@ def read_json(path: Path) -> Dict[str, Any]:
             from None
 
 
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _number(v) -> bool:
+    """A finite number >= 0 (no bool)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+
+def _depths(v) -> bool:
+    if isinstance(v, str):
+        return all(d.isdigit() and int(d) > 0 for d in v.split("-"))
+    return isinstance(v, list) and all(_positive_int(d) for d in v)
+
+
+# A field name -> (its check, what it must be): the same names in every section and either layout.
+_FIELD_TYPES = {
+    **{k: (_positive_int, "a positive integer") for k in (
+        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+        "vocab_size", "max_position_embeddings", "vae_dim", "channels", "encoder_n_filters", "decoder_n_filters",
+        "num_filters", "kernel_size", "last_kernel_size", "ffn_expansion", "head_layers", "latent_size",
+        "frequency_embedding_size", "ddpm_num_steps", "acoustic_vae_dim", "semantic_vae_dim")},
+    **{k: (lambda v: _number(v) and v > 0, "a positive number") for k in (
+        "rms_norm_eps", "layernorm_eps", "rope_theta", "head_ffn_ratio")},
+    **{k: (_number, "a number >= 0") for k in ("fix_std", "vae_std")},
+    **{k: (lambda v: isinstance(v, list) and all(_positive_int(r) for r in v), "a list of positive integers")
+       for k in ("encoder_ratios", "decoder_ratios", "downsampling_ratios")},
+    **{k: (_depths, 'a list of positive integers or a string like "3-3-8"') for k in (
+        "encoder_depths", "decoder_depths", "depths")},
+    "tie_word_embeddings": (lambda v: isinstance(v, bool), "true or false"),
+}
+_NULLABLE = {"decoder_depths", "decoder_ratios", "vae_std", "max_position_embeddings"}  # null: the default
+_REQUIRED = {  # layout -> section -> fields without a default
+    ORIGINAL: {"decoder_config": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                  "rms_norm_eps", "vocab_size"),
+               "acoustic_tokenizer_config": ("vae_dim",), "semantic_tokenizer_config": ("vae_dim",)},
+    TRANSFORMERS: {"text_config": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                   "rms_norm_eps", "vocab_size"),
+                   "audio_config": ("hidden_size",)},
+}
+
+
+def check_config(raw, path: Path) -> str:
+    """config.json checked field by field before anything is built from it: its layout, or a LoadError naming
+    the file and the field."""
+    fix = "fix the file, or download or convert the model again."
+    if not isinstance(raw, dict):
+        raise LoadError(f"{path} holds a JSON {type(raw).__name__}, not an object: {fix}")
+    try:
+        layout = detect_layout(raw)
+    except LayoutError as e:
+        raise LayoutError(f"{path}: {e}") from None
+    sections = [(None, raw)] + [(k, v) for k, v in raw.items() if isinstance(v, dict)]
+    for name, required in _REQUIRED[layout].items():
+        if not isinstance(raw.get(name), dict):
+            raise LoadError(f"{path}: '{name}' must be an object of settings; {fix}")
+        missing = [k for k in required if raw[name].get(k) is None]
+        if missing:
+            raise LoadError(f"{path}: {name}.{missing[0]} is missing; {fix}")
+    for name, section in sections:
+        for key, value in section.items():
+            if key in _FIELD_TYPES and not (value is None and key in _NULLABLE):
+                ok, what = _FIELD_TYPES[key]
+                if not ok(value):
+                    where = f"{name}.{key}" if name else key
+                    raise LoadError(f"{path}: {where} must be {what}, not {value!r}; {fix}")
+    return layout
+
+
 def load_config(folder: Path) -> Dict[str, Any]:
+    """config.json of a model folder, read and checked (`check_config`)."""
     path = Path(folder) / "config.json"
     if not path.exists():
         raise LoadError(f"No config.json in {folder}: point --model at a VibeVoice model folder.")
-    return read_json(path)
+    raw = read_json(path)
+    check_config(raw, path)
+    return raw
 
 
 def weight_format(folder: Path) -> Optional[str]:
@@ -359,9 +431,13 @@ def read_checkpoint(folder: Path) -> Checkpoint:
         gen = read_json(gen_path)
         # ours: steps / cfg_scale; transformers': num_diffusion_steps / guidance_scale
         for ours, theirs in (("steps", "num_diffusion_steps"), ("cfg_scale", "guidance_scale")):
-            value = gen.get(ours, gen.get(theirs))
-            if value is not None:
-                generation[ours] = value
+            key = ours if ours in gen else theirs
+            if gen.get(key) is not None:
+                try:
+                    check_option(ours, gen[key])
+                except UserError as e:
+                    raise LoadError(f"{gen_path}: '{key}': {e} Fix the file or delete the field.") from None
+                generation[ours] = gen[key]
         sched = gen.get("noise_scheduler_config") or {}
         head = normalized["diffusion_head_config"]
         if sched.get("beta_schedule"):

@@ -39,9 +39,9 @@ def main(ctx, verbose, quiet):
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "bfloat16", "float32"]),
               help="Storage dtype of the weights (what must stay float32 does).")
 @click.option("-q", "--quantize", is_flag=True, help="Quantize the language model's linear layers.")
-@click.option("--q-bits", default=4, show_default=True, type=click.Choice(["4", "8"]), help="Bits per weight.")
-@click.option("--q-group-size", default=64, show_default=True, type=click.Choice(["32", "64", "128"]),
-              help="Weights per quantization group.")
+@click.option("--q-bits", type=click.Choice(["4", "8"]), help="Bits per weight, with -q (default 4).")
+@click.option("--q-group-size", type=click.Choice(["32", "64", "128"]),
+              help="Weights per quantization group, with -q (default 64).")
 @click.option("--tokenizer", help="Tokenizer folder or repo id, when the checkpoint has no tokenizer files.")
 @click.option("--force", is_flag=True, help="Replace --mlx-path if it exists.")
 @click.option("--upload-repo", help="Hugging Face repo to upload the converted folder to.")
@@ -53,8 +53,8 @@ def convert(model, mlx_path, dtype, quantize, q_bits, q_group_size, tokenizer, f
     from .convert.convert import convert as run_convert
 
     with user_errors():
-        run_convert(model, mlx_path, dtype=dtype, quantize=quantize, q_bits=int(q_bits),
-                    q_group_size=int(q_group_size), tokenizer=tokenizer, force=force, upload_repo=upload_repo,
+        run_convert(model, mlx_path, dtype=dtype, quantize=quantize, q_bits=q_bits and int(q_bits),
+                    q_group_size=q_group_size and int(q_group_size), tokenizer=tokenizer, force=force, upload_repo=upload_repo,
                     allow_pickle=allow_pickle, revision=revision)
 
 

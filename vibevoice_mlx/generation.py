@@ -10,15 +10,16 @@ the running figures, the length rule warnings and the `max_seconds` budget. `str
 
 import logging
 import math
+import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import numpy as np
 
 from .backend import NEXT, TRUNCATED, FrameSettings, Sampler, SegmentJob, greedy
-from .constants import DEFAULT_CFG_SCALE, DEFAULT_STEPS, SAMPLE_RATE
+from .constants import DEFAULT_CFG_SCALE, DEFAULT_STEPS, OPTION_RANGES, SAMPLE_RATE, check_option
 from .errors import UserError
 from .notices import warn_once
 from .preflight import check_context
@@ -49,25 +50,10 @@ class GenerationConfig:
 
     def __post_init__(self):
         """Every option is checked before any work starts; a bad one is a one-line error naming it."""
-
-        def number(name, value, low, high, integer=False, low_open=False):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            ok = ok and (not integer or float(value).is_integer())
-            ok = ok and (value > low if low_open else value >= low) and value <= high
-            if not ok:
-                kind = "a whole number" if integer else "a number"
-                bound = f"above {low}" if low_open else f"from {low}"
-                raise UserError(f"{name} must be {kind} {bound} to {high}; got {value!r}.")
-
-        number("steps", self.steps, 1, 1000, integer=True)
-        number("cfg_scale", self.cfg_scale, 0, 100)
-        number("temperature", self.temperature, 0, 100)
-        number("top_p", self.top_p, 0, 1, low_open=True)
-        number("prefill_chunk", self.prefill_chunk, 1, 1 << 20, integer=True)
-        if self.seed is not None:
-            number("seed", self.seed, 0, 2**64 - 1, integer=True)
-        if self.max_seconds is not None:
-            number("max_seconds", self.max_seconds, 0, 24 * 3600, low_open=True)
+        for name in OPTION_RANGES:
+            value = getattr(self, name)
+            if value is not None or name not in ("seed", "max_seconds"):  # those two may be left unset
+                check_option(name, value)
         self.steps = int(self.steps)
 
 
@@ -254,6 +240,41 @@ class ScriptRun:
 
 
 _PER_SCRIPT = ("seed", "max_seconds", "temperature", "top_p", "voice_noise")
+_VOICE = (str, os.PathLike, np.ndarray)
+
+
+def _voice_list(voices, i: int) -> Optional[list]:
+    """One script's voices as a list; a single path or array is a one-voice list (a str is not read as letters)."""
+    if voices is None or isinstance(voices, _VOICE):
+        return None if voices is None else [voices]
+    if isinstance(voices, (list, tuple)) and all(isinstance(v, _VOICE) for v in voices):
+        return list(voices)
+    raise UserError(f"voices of script {i + 1}: give a list of audio file paths, saved voices or float32 arrays, "
+                    f"one per speaker (got {type(voices).__name__}).")
+
+
+def check_call(pipe, scripts, voices, kwargs) -> List[Optional[list]]:
+    """The one check of the public generation calls, before any work: a loaded pipeline, text scripts, voices
+    (returned as one list per script) and option names (their values: `GenerationConfig`)."""
+    if not hasattr(pipe, "backend") or not hasattr(pipe, "tokenizer"):
+        raise UserError(f"The first argument must be what vibevoice_mlx.load() returns, not a "
+                        f"{type(pipe).__name__}: pipe = vv.load(model); vv.generate(pipe, script).")
+    for i, script in enumerate(scripts):
+        if not isinstance(script, str):
+            fix = " (decode it first: script.decode('utf-8'))" if isinstance(script, bytes) else ""
+            raise UserError(f"script {i + 1} must be text (str), not {type(script).__name__}{fix}.")
+    known = {f.name for f in fields(GenerationConfig)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise UserError(f"Unknown keyword {unknown[0]!r}: generation takes {', '.join(sorted(known))}, sampler, noise "
+                        "and stop.")
+    if voices is None:
+        return [None] * len(scripts)
+    if not isinstance(voices, (list, tuple)):
+        raise UserError("voices of a batch: give one list (or None) per script.")
+    if len(voices) != len(scripts):
+        raise UserError(f"{len(voices)} voice lists for {len(scripts)} scripts: give one (or None) per script.")
+    return [_voice_list(v, i) for i, v in enumerate(voices)]
 
 
 def _pick(value, i: int, n: int, name: str):
@@ -282,16 +303,20 @@ def stream_generate_batch(
     `voice_noise`, `sampler`, `noise` and `stop` (a callable returning True to cancel that script at its next
     step) may be lists with one value per script; `steps` and `cfg_scale` are shared by the batch.
     """
+    if isinstance(scripts, (str, bytes)):
+        raise UserError("scripts must be a list of scripts; for one script call generate or stream_generate.")
     scripts = list(scripts)
+    voices = check_call(pipe, scripts, voices, kwargs)  # misuse is refused now, not at the first step
+    return _stream_batch(pipe, scripts, voices, config, sampler, noise, stop, kwargs)
+
+
+def _stream_batch(pipe, scripts, voices, config, sampler, noise, stop, kwargs):
     n = len(scripts)
     if n == 0:
         return
     base = replace(config or GenerationConfig(**getattr(pipe, "defaults", {})),
                    **{k: v for k, v in kwargs.items() if k not in _PER_SCRIPT})
     per_script = {k: v for k, v in kwargs.items() if k in _PER_SCRIPT}
-    voices = list(voices) if voices is not None else [None] * n
-    if len(voices) != n:
-        raise UserError(f"{len(voices)} voice lists for {n} scripts: give one (or None) per script.")
     start = time.perf_counter()
     runs = []
     for i, script in enumerate(scripts):
@@ -317,13 +342,12 @@ def stream_generate(pipe, script: str, voices: Optional[Sequence] = None, config
     """Generate speech for `script`, yielding audio chunks (3200 samples per frame) as they are produced.
 
     pipe: what `vibevoice_mlx.load` returned. voices: one per speaker, in speaker order: audio file paths, float32
-    arrays at 24 kHz, or saved voices (.safetensors from `save_voice`). Keyword arguments override fields of
+    arrays at 24 kHz, or saved voices (.safetensors from `save_voice`); a single one may be given as it is. Keyword arguments override fields of
     `config` (steps, cfg_scale, temperature, top_p, seed, max_seconds, voice_noise). `sampler(logits, token_ids)`
     chooses the next token among the control tokens; `noise` supplies each frame's initial diffusion noise;
     `stop()` returning True ends the script at its next step.
     """
-    for _, r in stream_generate_batch(pipe, [script], [voices], config, [sampler], [noise], **kwargs):
-        yield r
+    return (r for _, r in stream_generate_batch(pipe, [script], [voices], config, [sampler], [noise], **kwargs))
 
 
 def _result(responses: List[GenerationResponse], tokens: List[List[int]]) -> GenerationResult:

@@ -167,8 +167,7 @@ def load(
     bfloat16 / float32; default float16 on a GPU, float32 on the CPU (torch: float16 on MPS, bfloat16 on CUDA).
     attention (torch backend): auto, sdpa or eager. max_batch (MLX): scripts generated together at most.
     """
-    if backend not in BACKENDS:
-        raise LoadError(f"Unknown backend {backend!r}: choose 'mlx' or 'torch'.")
+    _check_load_args(backend, dtype, max_batch)
     ckpt, config, tok, tokens = inspect(path_or_repo, tokenizer, revision)
     if backend == "torch":
         from .torch_engine import TorchBackend
@@ -181,3 +180,12 @@ def load(
     return VibeVoice(backend=engine, tokenizer=tok, tokens=tokens, folder=ckpt.folder, config=config,
                      defaults=dict(ckpt.generation))
 
+
+def _check_load_args(backend, dtype, max_batch) -> None:
+    """`load`'s own arguments, checked before anything is read (max_batch 0 would run nothing, silently)."""
+    if backend not in BACKENDS:
+        raise LoadError(f"Unknown backend {backend!r}: choose 'mlx' or 'torch'.")
+    if backend == "mlx" and not (dtype is None or isinstance(dtype, mx.Dtype)):  # torch: its own names, checked there
+        mlx_dtype(dtype if isinstance(dtype, str) else repr(dtype))  # a UserError naming the dtypes
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise LoadError(f"max_batch must be a whole number from 1 (scripts generated together); got {max_batch!r}.")

@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from . import memory
-from .checkpoint import detect_layout, normalize_config, read_json, to_transformers_config
+from .checkpoint import detect_layout, load_config, normalize_config, to_transformers_config
 from .constants import CONTROL_ROLES, QWEN_TOKEN_IDS, SAMPLE_RATE
 from .errors import MissingPathError, UserError
 from .keys import ORIGINAL, TRANSFORMERS, original_to_transformers, transformers_to_original
@@ -266,7 +266,7 @@ def load_torch_model(path, device: str = "auto", dtype: str = "auto", attention:
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise MissingPathError(f"{folder} has no config.json: point at a local VibeVoice checkpoint folder.")
-    config = read_json(folder / "config.json")
+    config = load_config(folder)
     layout = detect_layout(config)
     device = resolve_device(device)
     kind = _kind(device)

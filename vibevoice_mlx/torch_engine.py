@@ -8,6 +8,7 @@ import numpy as np
 
 from . import memory
 from .backend import NEXT, TRUNCATED, greedy
+from .checkpoint import MLX
 from .constants import CONTROL_ROLES
 from .errors import UserError
 from . import torch_backend
@@ -28,6 +29,10 @@ class TorchBackend:
 
     @classmethod
     def load(cls, ckpt, config, tokens, device: str = "auto", dtype: str = "auto", attention: str = "auto"):
+        if ckpt.layout == MLX:
+            raise UserError(f"{ckpt.folder} is a converted MLX folder, which only the MLX backend runs: use "
+                            "--backend mlx (backend='mlx'), or point the torch backend at the PyTorch checkpoint it "
+                            "was converted from.")
         try:
             import torch  # noqa: F401
             import transformers  # noqa: F401

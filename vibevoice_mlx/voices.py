@@ -11,9 +11,9 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from .audio import check_saved_voice_path, load_audio, load_voice, normalize_voice, save_voice as write_voice
+from .audio import check_input_file, check_saved_voice_path, load_audio, load_voice, normalize_voice, save_voice as write_voice
 from .constants import SAMPLE_RATE
-from .errors import MissingPathError, UserError
+from .errors import UserError
 from .notices import warn_once
 
 logger = logging.getLogger(__name__)
@@ -48,8 +48,8 @@ def read_voice(voice, index: int = 0, vae_dim: Optional[int] = None, hop: Option
     Refused in one line: unreadable files, non-finite samples, silence. Said: clips under a second.
     """
     name = f"voice {index + 1}" if isinstance(voice, np.ndarray) else str(voice)
-    if not isinstance(voice, np.ndarray) and not Path(voice).is_file():
-        raise MissingPathError(f"Voice file not found: {voice}")
+    if not isinstance(voice, np.ndarray):
+        check_input_file(voice, "Voice file")
     if isinstance(voice, np.ndarray):
         v = np.asarray(voice, np.float32)
         if v.ndim == 2:
