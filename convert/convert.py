@@ -303,8 +303,9 @@ def _check_target(target: Path, source: Optional[Path], force: bool) -> None:
             raise ConversionError(f"--mlx-path {target} holds the source checkpoint: --force would delete it.")
     if not target.parent.is_dir() and not is_comfyui_model_folder(target.parent):
         raise ConversionError(f"The folder {target.parent} (parent of --mlx-path) does not exist.")
-    if not os.access(target.parent, os.W_OK | os.X_OK):
-        raise ConversionError(f"Cannot write --mlx-path {target}: the folder {target.parent} is not writable.")
+    folder = target.parent if target.parent.is_dir() else target.parent.parent  # where the new folder goes
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConversionError(f"Cannot write --mlx-path {target}: the folder {folder} is not writable.")
 
 
 def is_comfyui_model_folder(folder: Path) -> bool:
