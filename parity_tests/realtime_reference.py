@@ -246,11 +246,16 @@ def build_preset(model, tokenizer, out):
                     assert t.stride() == (S * heads * dim, dim, heads * dim, 1), t.stride()
                 fp32[f"{name}.{kind}.{i}"] = t.contiguous().clone()
                 getattr(cache, f"{kind}_cache")[i] = t.to(torch.bfloat16)  # keeps the strides
+        bf16.update({k: v.to(torch.bfloat16) for k, v in fp32.items() if k.startswith(name + ".")})
         preset[name] = BaseModelOutputWithPast(last_hidden_state=o.last_hidden_state.to(torch.bfloat16),
                                                past_key_values=cache)
-    for k, v in fp32.items():
-        bf16[k] = v.to(torch.bfloat16)
     torch.save(preset, str(out / "voice.pt"))
+    back = torch.load(str(out / "voice.pt"), map_location="cpu", weights_only=False)
+    for name, o in back.items():  # what a reader gets back: the bf16 values, K/V still strided views
+        assert torch.equal(o.last_hidden_state, bf16[f"{name}.last_hidden_state"])
+        for i, (k, v) in enumerate(zip(o.past_key_values.key_cache, o.past_key_values.value_cache)):
+            assert torch.equal(k, bf16[f"{name}.key.{i}"]) and torch.equal(v, bf16[f"{name}.value.{i}"])
+            assert k.shape[2] == 1 or not k.is_contiguous()
     save_file(bf16, str(out / "voice.safetensors"), metadata={"format": "pt"})
     fp32["prompt_ids"] = torch.tensor(prompt, dtype=torch.int64)
     fp32["prompt_latents"] = latents[0].clone()
@@ -517,7 +522,7 @@ def main():
             sampling_rate=24000, normalize_audio=True, target_dB_FS=-25, eps=1e-6),
         speech_tok_compress_ratio=HOP, db_normalize=True)
 
-    check_release_keys(out / KEEP[1])
+    check_release_keys(Path(__file__).resolve().parents[1] / "tests" / "data" / "realtime_tiny" / KEEP[1])
     model, _ = build_model(out / "model")
     voice = build_preset(model, tokenizer, out)
     save_file(record_components(model), str(out / "components.safetensors"), metadata={"format": "pt"})
