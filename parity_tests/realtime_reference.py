@@ -168,7 +168,7 @@ def build_model(folder):
     assert all(got[k].dtype == torch.float32 and torch.equal(got[k], v.float()) for k, v in released.items())
     assert loaded.model.language_model.config.num_hidden_layers == LM_LAYERS
     assert isinstance(loaded.model.language_model.norm, torch.nn.Identity)
-    return loaded.eval(), released
+    return loaded.eval()
 
 
 def check_release_keys(table):
@@ -473,6 +473,40 @@ def record_run(model, processor, preset_path, text, cfg, steps, stop):
     return {k: v.contiguous() for k, v in tensors.items()}, meta
 
 
+def one_pass(model, preset_path, t, meta):
+    """§5.3: each stream recomputed as ONE plain forward over the recorded inputs (same preset cache, positions
+    continuing it) against the windowed, cached run. Returns the max abs difference per stream."""
+    import torch
+
+    m = model.model
+    types = m.tts_input_types.weight
+    sizes, F = meta["window_text_sizes"], meta["frames_computed"]
+    rows, want, text_at = [], [], 0
+    for w, size in enumerate(sizes):
+        rows.append(t["text_lower_lm"][text_at:text_at + size] + types[1])
+        want.append(t["text_tts_lm"][text_at:text_at + size])
+        text_at += size
+        rows.append(t["connector"][6 * w:6 * w + 6] + types[0])
+        want.append(t["h_pos_after"][6 * w:6 * w + 6])
+    frames = t["connector"] + types[0]
+    fed = t["text_ids"][:text_at][None]
+    preset = torch.load(str(preset_path), map_location="cpu", weights_only=False)
+    diffs = {}
+    with torch.no_grad():
+        for stream, lm, cache, x, expect in (
+                ("lower_lm", m.language_model, "lm", m.language_model.embed_tokens(fed)[0], t["text_lower_lm"]),
+                ("tts_pos", m.tts_language_model, "tts_lm", torch.cat(rows), torch.cat(want)),
+                ("tts_neg", m.tts_language_model, "neg_tts_lm", frames, t["h_neg_after"][:F])):
+            past = preset[cache].past_key_values
+            start = past.get_seq_length()
+            pos = torch.arange(start, start + x.shape[0])[None]
+            o = lm(inputs_embeds=x[None], past_key_values=past, position_ids=pos, cache_position=pos[0],
+                   use_cache=True, return_dict=True)
+            diffs[stream] = float((o.last_hidden_state[0] - expect).abs().max())
+    assert max(diffs.values()) < 1e-4, diffs
+    return diffs
+
+
 def _check_positions(meta, P, S):
     """The positions log against §4.7: each stream continues its own cache length."""
     ids, c = meta["n_ids"], 0
@@ -523,7 +557,7 @@ def main():
         speech_tok_compress_ratio=HOP, db_normalize=True)
 
     check_release_keys(Path(__file__).resolve().parents[1] / "tests" / "data" / "realtime_tiny" / KEEP[1])
-    model, _ = build_model(out / "model")
+    model = build_model(out / "model")
     voice = build_preset(model, tokenizer, out)
     save_file(record_components(model), str(out / "components.safetensors"), metadata={"format": "pt"})
 
@@ -533,6 +567,8 @@ def main():
         assert meta["n_ids"] == n_ids, (name, meta["n_ids"], tensors["text_ids"].tolist())
         _check_positions(meta, voice["P"], voice["P"] + voice["K"])
         save_file(tensors, str(out / f"run_{name}.safetensors"), metadata={"format": "pt"})
+        diffs = one_pass(model, out / "voice.pt", tensors, meta)
+        print(f"{name}: one forward per stream against the windowed run, max abs difference {diffs}")
         runs[name] = meta
     golden = dict(commit=COMMIT, seed=SEED, torch=torch.__version__.split("+")[0],
                   transformers=transformers.__version__,
