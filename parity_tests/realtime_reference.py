@@ -41,7 +41,7 @@ ACOUSTIC = dict(channels=1, causal=True, vae_dim=VAE, fix_std=0.5, std_dist_type
                 conv_norm="none", corpus_normalize=0.0, disable_last_norm=True, layernorm="RMSNorm",
                 layernorm_elementwise_affine=True, layernorm_eps=1e-5, layer_scale_init_value=1e-6,
                 mixer_layer="depthwise_conv", pad_mode="constant", weight_init_value=0.01,
-                encoder_n_filters=1, decoder_n_filters=1, encoder_ratios=[8, 5, 5, 4, 2, 2],
+                encoder_n_filters=4, decoder_n_filters=4, encoder_ratios=[8, 5, 5, 4, 2, 2],
                 decoder_ratios=[8, 5, 5, 4, 2, 2],
                 # decoder_depths null as in the release: the decoder uses the reversed encoder depths (1-...-1-2)
                 encoder_depths="2-1-1-1-1-1-1", decoder_depths=None)
