@@ -78,40 +78,57 @@ class _Cache:
         self.__dict__.update(state)
 
 
-@dataclass
-class _Storage:
-    bits: np.ndarray  # uint16, the storage's raw bfloat16 values
+class _Frozen:
+    """No BUILD: a file cannot give these objects (or the classes) other contents."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state):
+        raise pickle.UnpicklingError(f"BUILD on {type(self).__name__}")
 
 
-@dataclass
-class _Tensor:
-    bits: np.ndarray  # uint16, contiguous in the tensor's logical shape
+class _Storage(_Frozen):
+    __slots__ = ("bits",)  # uint16, the storage's raw bfloat16 values
+
+    def __init__(self, bits):
+        self.bits = bits
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
-                       metadata=None):
-    """A tensor view of a storage, copied out contiguous: size, stride (in elements) and offset honoured."""
-    ints = (isinstance(storage_offset, int) and isinstance(size, tuple) and isinstance(stride, tuple)
-            and all(isinstance(x, int) for x in size + stride))
-    if not isinstance(storage, _Storage) or not ints or len(size) != len(stride):
-        raise pickle.UnpicklingError("malformed tensor record")
-    if min(size + stride + (storage_offset,), default=0) < 0:
-        raise pickle.UnpicklingError("negative tensor size, stride or offset")
-    n = storage.bits.size
-    if int(np.prod(size, dtype=np.float64)) > n:  # a preset's tensors are never larger than their storage
-        raise pickle.UnpicklingError(f"a tensor of {size} in a storage of {n} values")
-    if 0 not in size:
-        last = storage_offset + sum((d - 1) * s for d, s in zip(size, stride))
-        if last >= n:
-            raise pickle.UnpicklingError(f"tensor view reaches element {last} of a storage of {n}")
-    view = np.lib.stride_tricks.as_strided(storage.bits[storage_offset:] if storage_offset < n else storage.bits[:0],
-                                           shape=size, strides=tuple(2 * s for s in stride), writeable=False)
-    return _Tensor(np.ascontiguousarray(view))
+class _Tensor(_Frozen):
+    __slots__ = ("bits",)  # uint16, contiguous in the tensor's logical shape
+
+    def __init__(self, bits):
+        self.bits = bits
+
+
+class _RebuildTensor(_Frozen):
+    """`torch._utils._rebuild_tensor_v2`: a tensor view of a storage, copied out contiguous, with size, stride (in
+    elements) and offset honoured and checked to stay inside the storage."""
+
+    def __call__(self, storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
+                 metadata=None):
+        ints = (isinstance(storage_offset, int) and isinstance(size, tuple) and isinstance(stride, tuple)
+                and all(isinstance(x, int) for x in size + stride))
+        if not isinstance(storage, _Storage) or not ints or len(size) != len(stride):
+            raise pickle.UnpicklingError("malformed tensor record")
+        if min(size + stride + (storage_offset,), default=0) < 0:
+            raise pickle.UnpicklingError("negative tensor size, stride or offset")
+        n = storage.bits.size
+        if int(np.prod(size, dtype=np.float64)) > n:  # a preset's tensors are never larger than their storage
+            raise pickle.UnpicklingError(f"a tensor of {size} in a storage of {n} values")
+        if 0 not in size:
+            last = storage_offset + sum((d - 1) * s for d, s in zip(size, stride))
+            if last >= n:
+                raise pickle.UnpicklingError(f"tensor view reaches element {last} of a storage of {n}")
+        base = storage.bits[storage_offset:] if storage_offset < n else storage.bits[:0]
+        view = np.lib.stride_tricks.as_strided(base, shape=size, strides=tuple(2 * s for s in stride),
+                                               writeable=False)
+        return _Tensor(np.ascontiguousarray(view))
 
 
 _STANDINS = {
     "collections.OrderedDict": OrderedDict,
-    "torch._utils._rebuild_tensor_v2": _rebuild_tensor_v2,
+    "torch._utils._rebuild_tensor_v2": _RebuildTensor(),
     "torch.BFloat16Storage": _BFloat16Storage,
     "transformers.modeling_outputs.BaseModelOutputWithPast": _Output,
     "transformers.cache_utils.DynamicCache": _Cache,
