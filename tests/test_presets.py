@@ -298,6 +298,17 @@ def test_a_preset_for_another_model_size_is_refused_in_one_line(tmp_path):
     assert "\n" not in str(e.value) and "4+20 layers" in str(e.value)
 
 
+def test_a_damaged_voice_file_is_one_line(tmp_path):
+    src = tmp_path / "p.pt"
+    make_preset(src)
+    path = tmp_path / "v.safetensors"
+    convert_pt(src, path)
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(PresetError) as e:
+        load_preset(path)
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
+
+
 def test_shape_from_the_released_config():
     config = {"tts_backbone_num_hidden_layers": 20,
               "decoder_config": {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14,
@@ -444,7 +455,8 @@ def test_voices_lists_known_downloaded_and_converted(cache, tmp_path):
     cache.mkdir(parents=True)
     make_preset(cache / "en-Mike_man.pt")
     store.resolve_voice("en-Mike_man")
-    make_preset(cache / "my-voice.pt")
+    (cache / "experimental_voices" / "de").mkdir(parents=True)
+    make_preset(cache / "experimental_voices" / "de" / "my-voice.pt")
     r = CliRunner().invoke(main, ["voices"])
     assert r.exit_code == 0, r.output
     lines = {line.split()[0]: line.split()[1:] for line in r.output.splitlines()[2:-1]}
@@ -455,6 +467,7 @@ def test_voices_lists_known_downloaded_and_converted(cache, tmp_path):
     rows = {row["name"]: row for row in json.loads(r.output)}
     assert len(rows) == 26 and rows["en-Mike_man"]["converted"] == str(cache / "en-Mike_man.safetensors")
     assert rows["en-Davis_man"]["url"] == store.preset_url("en-Davis_man") and not rows["my-voice"]["known"]
+    assert store.resolve_voice("my-voice") == cache / "my-voice.safetensors"  # an extracted experimental voice
 
 
 @pytest.mark.parametrize("name", sorted(FIVE))

@@ -90,9 +90,9 @@ def _offline() -> Optional[str]:
 
 
 def _local_pt(name: str) -> Optional[Path]:
-    """`<name>.pt` in the preset folder, or one folder down (where the experimental archives extract)."""
+    """`<name>.pt` in the preset folder, or in a folder below it (where the experimental archives extract)."""
     folder = preset_dir()
-    found = [folder / f"{name}.pt"] + sorted(folder.glob(f"*/{name}.pt"))
+    found = [folder / f"{name}.pt"] + sorted(folder.glob(f"**/{name}.pt"))
     return next((p for p in found if p.is_file()), None)
 
 
@@ -178,7 +178,7 @@ def list_presets() -> List[Dict]:
     """Every known preset and every one found in the preset folder: its URL, and whether it is downloaded and
     converted (paths, or None)."""
     folder = preset_dir()
-    local = {p.stem for pattern in ("*.pt", "*/*.pt", "*.safetensors") for p in folder.glob(pattern)
+    local = {p.stem for pattern in ("**/*.pt", "*.safetensors") for p in folder.glob(pattern)
              if p.parent.name != "converted"} if folder.is_dir() else set()
     rows = []
     for name in list(PRESET_NAMES) + sorted(local - set(PRESET_NAMES)):

@@ -390,7 +390,10 @@ def load_preset(path: PathLike, shape: Optional[PresetShape] = None, dtype=None,
     if shape is not None and voice.shape != shape:
         raise PresetError(f"{path} is a voice preset for another model size ({voice.shape.describe()}; this model: "
                           f"{shape.describe()}): use a preset made for this model.")
-    tensors = mx.load(str(path))
+    try:
+        tensors = mx.load(str(path))
+    except (ValueError, RuntimeError) as e:
+        raise PresetError(f"{path} is damaged ({e}); convert or download it again.") from None
     _check_tensors(tensors, meta, path)
     cast = (lambda a: a) if dtype is None else (lambda a: a.astype(dtype))
     voice.caches = {b: (cast(tensors[f"{b}.keys"]), cast(tensors[f"{b}.values"])) for b in USED}
