@@ -224,6 +224,15 @@ def test_size_bounds_and_broken_archives(tmp_path, monkeypatch):
     (tmp_path / "x.pt").write_bytes(b"not a zip")
     with pytest.raises(PresetError, match="torch.save zip"):
         read_pt(tmp_path / "x.pt")
+    monkeypatch.setattr(presets, "MAX_ARCHIVE_BYTES", 256 << 20)
+    monkeypatch.setattr(presets, "MAX_PICKLE_BYTES", 8 << 20)
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo("Wayne/data/0")
+    raw = bytearray(path.read_bytes())
+    raw[info.header_offset + 30 + len(info.filename) + len(info.extra) + 1] ^= 0xFF  # a storage byte: CRC fails
+    path.write_bytes(bytes(raw))
+    with pytest.raises(PresetError, match="CRC"):
+        read_pt(path)
 
 
 def _one_tensor(tmp_path, size, stride, offset=0, numel=6, nbytes=None):

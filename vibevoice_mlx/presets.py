@@ -14,6 +14,7 @@ import hashlib
 import io
 import pickle
 import zipfile
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,8 +195,8 @@ def _archive(path: Path) -> Tuple[bytes, Dict[str, bytes]]:
             prefix = f"{root}/data/"
             storages = {n[len(prefix):]: z.read(i) for n, i in names.items() if n.startswith(prefix)}
             return z.read(pkl), storages
-    except zipfile.BadZipFile:
-        raise PresetError(f"{path} is not a voice preset: a .pt preset is a torch.save zip archive.") from None
+    except (zipfile.BadZipFile, NotImplementedError, EOFError, zlib.error) as e:
+        raise PresetError(f"{path} is not a voice preset: a .pt preset is a torch.save zip archive ({e}).") from None
 
 
 def read_pt(path: PathLike) -> Dict[str, Dict]:
@@ -214,7 +215,7 @@ def read_pt(path: PathLike) -> Dict[str, Dict]:
     except PresetError:
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError, IndexError,
-            RecursionError, MemoryError) as e:
+            OverflowError, RecursionError, MemoryError) as e:
         raise PresetError(f"{path} is not a readable voice preset ({type(e).__name__}: {e}).") from None
     return _check_structure(top, path)
 
