@@ -11,7 +11,8 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from .audio import check_saved_voice_path, load_audio, load_voice, normalize_voice, save_voice as write_voice
+from .audio import (check_saved_voice_path, load_audio, load_voice, normalize_voice, realtime_preset_error,
+                    save_voice as write_voice)
 from .constants import SAMPLE_RATE
 from .errors import MissingPathError, UserError
 from .preset_store import PRESET_NAMES
@@ -49,8 +50,7 @@ def read_voice(voice, index: int = 0, vae_dim: Optional[int] = None, hop: Option
     """
     name = f"voice {index + 1}" if isinstance(voice, np.ndarray) else str(voice)
     if not isinstance(voice, np.ndarray) and (str(voice) in PRESET_NAMES or str(voice).lower().endswith(".pt")):
-        raise UserError(f"{voice} is a VibeVoice-Realtime-0.5B voice preset, which VibeVoice 1.5B/7B cannot use: "
-                        "give an audio clip of the voice, or a voice saved with --save-voice.")
+        raise realtime_preset_error(voice)
     if not isinstance(voice, np.ndarray) and not Path(voice).is_file():
         raise MissingPathError(f"Voice file not found: {voice}")
     if isinstance(voice, np.ndarray):
