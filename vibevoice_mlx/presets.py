@@ -7,7 +7,8 @@ numpy: its unpickler admits exactly the five globals those files name, so no fil
 honours each tensor's size, stride and offset (the K/V caches are strided views). bfloat16 is kept bit for bit as
 uint16. Saved voices hold the three caches generation uses, each layer's K and V contiguous in
 [kv_heads, seq, head_dim] and stacked over layers ([layers, kv_heads, seq, head_dim]), plus the negative branch's
-last hidden state; `neg_lm` is dropped, since generation never reads or extends it (§3.3).
+last hidden state, and the lengths P and K+P. Dropped, since generation never reads them (§3.3): `neg_lm`, and the
+values of the `lm`/`tts_lm` hidden states (about 20 % of a file).
 """
 
 import hashlib
