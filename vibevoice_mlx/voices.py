@@ -11,9 +11,11 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from .audio import check_saved_voice_path, load_audio, load_voice, normalize_voice, save_voice as write_voice
+from .audio import (check_saved_voice_path, load_audio, load_voice, normalize_voice, realtime_preset_error,
+                    save_voice as write_voice)
 from .constants import SAMPLE_RATE
 from .errors import MissingPathError, UserError
+from .preset_store import PRESET_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +49,8 @@ def read_voice(voice, index: int = 0, vae_dim: Optional[int] = None, hop: Option
     Refused in one line: unreadable files, non-finite samples, silence. Said: clips under a second.
     """
     name = f"voice {index + 1}" if isinstance(voice, np.ndarray) else str(voice)
+    if not isinstance(voice, np.ndarray) and (str(voice) in PRESET_NAMES or str(voice).lower().endswith(".pt")):
+        raise realtime_preset_error(voice)
     if not isinstance(voice, np.ndarray) and not Path(voice).is_file():
         raise MissingPathError(f"Voice file not found: {voice}")
     if isinstance(voice, np.ndarray):
