@@ -1,0 +1,118 @@
+"""The MLX realtime model against Microsoft's original code (tests/data/realtime_tiny, recorded by
+parity_tests/realtime_reference.py on the same tiny weights): every component on fixed inputs, then whole runs with
+the reference's injected noise and forced stop. float32 throughout.
+
+Observed max errors (float32, MLX CPU) are written beside each tolerance.
+"""
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from vibevoice_mlx.models.realtime import RealtimeConfig, RealtimeModel
+from vibevoice_mlx.scheduler import DPMSolver, sample_latent
+from vibevoice_mlx.testing import assert_close
+from vibevoice_mlx.presets import PresetShape, convert_pt, load_preset
+from vibevoice_mlx.windows import Session, TextIds, windows
+
+DATA = Path(__file__).resolve().parent.parent / "tests" / "data" / "realtime_tiny"
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = RealtimeConfig.from_dict(json.loads((DATA / "model" / "config.json").read_text()))
+    m = RealtimeModel(cfg)
+    w = m.sanitize(mx.load(str(DATA / "model" / "model.safetensors")), "original")
+    m.load_weights([(k, v.astype(mx.float32)) for k, v in w.items()], strict=True)
+    mx.eval(m.parameters())
+    return m
+
+
+@pytest.fixture(scope="module")
+def comp():
+    return {k: np.array(v) for k, v in mx.load(str(DATA / "components.safetensors")).items()}
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return json.loads((DATA / "golden.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def voice(model, tmp_path_factory):
+    """The reference's voice.pt through the restricted reader and the saved-voice format, as a user's preset goes."""
+    path = tmp_path_factory.mktemp("voice") / "voice.safetensors"
+    convert_pt(DATA / "voice.pt", path)
+    return load_preset(path, shape=PresetShape.from_config(model.config.raw))
+
+
+def test_diffusion_head(model, comp):
+    v = model.model.prediction_head(mx.array(comp["head.x"]), mx.array(comp["head.t"]), mx.array(comp["head.condition"]))
+    assert_close("head v", v, comp["head.v"], atol=2e-5)  # observed 1.1e-5 at |v| 2.9
+
+
+@pytest.mark.parametrize("n", [5, 10])
+def test_schedule(model, comp, n):
+    solver = DPMSolver.from_config(model.config.scheduler)
+    assert solver.timesteps(n) == comp[f"schedule{n}.timesteps"].tolist()
+    assert_close("sigmas", solver.sigmas(n), comp[f"schedule{n}.sigmas"], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("n,cfg", [(5, 1.5), (10, 1.3)])
+def test_sampler(model, comp, n, cfg):
+    sched = DPMSolver.from_config(model.config.scheduler).schedule(n)
+    z = sample_latent(model.model.prediction_head, mx.array(comp["sample.h_pos"])[None],
+                      mx.array(comp["sample.h_neg"])[None], mx.array(comp[f"sample{n}.noise"])[None], sched, cfg)
+    assert_close(f"z after {n} steps", z[0], comp[f"sample{n}.z"], atol=2e-5)
+
+
+def test_decoder(model, comp):
+    dec = model.model.acoustic_tokenizer.decoder
+    lat = mx.array(comp["decoder.latents"])[None]
+    one = dec(lat).reshape(-1)
+    assert_close("decoder one-shot", one, comp["decoder.one_shot"], atol=1e-5)  # observed 1.2e-6
+    state, chunks = dec.make_state(1), []
+    for i in range(lat.shape[1]):
+        a, state = dec.stream(lat[:, i : i + 1], state)
+        chunks.append(a.reshape(-1))
+    assert_close("decoder streamed", mx.concatenate(chunks), comp["decoder.streamed"], atol=1e-5)  # observed 1.2e-6
+
+
+def test_connector_and_classifier(model, comp):
+    out = model.model.acoustic_connector(mx.array(comp["connector.z"]))
+    assert_close("connector", out, comp["connector.out"], atol=1e-5)
+    logit = model.tts_eos_classifier(mx.array(comp["classifier.h"]))
+    assert_close("EOS logit", logit, comp["classifier.logit"], atol=1e-5)
+
+
+@pytest.mark.parametrize("stream", ["lower_lm", "tts_lm"])
+def test_language_models(model, comp, stream):
+    lm = model.model.language_model if stream == "lower_lm" else model.model.tts_language_model
+    h = lm(None, input_embeddings=mx.array(comp[f"{stream}.inputs_embeds"])[None])[0]
+    assert_close(stream, h, comp[f"{stream}.last_hidden_state"], atol=1e-5)  # observed 2.1e-6
+
+
+@pytest.mark.parametrize("name", ["demo", "multiple5", "midwindow"])
+def test_whole_run(model, voice, golden, name):
+    spec = golden["runs"][name]
+    run = {k: np.array(v) for k, v in mx.load(str(DATA / f"run_{name}.safetensors")).items()}
+    stop = spec["stop_frame"]
+    session = Session(model, voice, cfg_scale=spec["cfg_scale"], steps=spec["steps"])
+    probs = []
+
+    def rule(f, p):
+        probs.append(p)
+        return f >= stop
+
+    noise = mx.array(run["noise"])
+    audio = list(windows(session, TextIds(run["text_ids"].tolist(), closed=True), lambda f: noise[f], rule))
+    assert len(audio) == spec["frames_kept"] == stop + 1
+    got = np.concatenate([np.array(a) for a in audio])
+    want = run["audio_chunks"][: stop + 1].reshape(-1)
+    peak = float(np.abs(want).max())
+    assert_close(f"{name} audio", got, want, atol=5e-4 * peak)  # observed 6e-6 at peak 0.6
+    # The EOS probabilities the forced rule saw are the reference's true values.
+    assert_close("EOS probabilities", np.array(probs), run["eos_prob"][: len(probs)], atol=1e-5)
