@@ -16,7 +16,7 @@ from vibevoice_mlx.models.realtime import RealtimeConfig, RealtimeModel
 from vibevoice_mlx.scheduler import DPMSolver, sample_latent
 from vibevoice_mlx.testing import assert_close
 from vibevoice_mlx.presets import PresetShape, convert_pt, load_preset
-from vibevoice_mlx.windows import Session, TextIds, windows
+from vibevoice_mlx.windows import TextIds, windows
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data" / "realtime_tiny"
 
@@ -100,7 +100,6 @@ def test_whole_run(model, voice, golden, name):
     spec = golden["runs"][name]
     run = {k: np.array(v) for k, v in mx.load(str(DATA / f"run_{name}.safetensors")).items()}
     stop = spec["stop_frame"]
-    session = Session(model, voice, cfg_scale=spec["cfg_scale"], steps=spec["steps"])
     probs = []
 
     def rule(f, p):
@@ -108,7 +107,8 @@ def test_whole_run(model, voice, golden, name):
         return f >= stop
 
     noise = mx.array(run["noise"])
-    audio = list(windows(session, TextIds(run["text_ids"].tolist(), closed=True), lambda f: noise[f], rule))
+    audio = list(windows(model, voice, TextIds(run["text_ids"].tolist(), closed=True), lambda f: noise[f], rule,
+                         cfg_scale=spec["cfg_scale"], steps=spec["steps"]))
     assert len(audio) == spec["frames_kept"] == stop + 1
     got = np.concatenate([np.array(a) for a in audio])
     want = run["audio_chunks"][: stop + 1].reshape(-1)
@@ -116,3 +116,35 @@ def test_whole_run(model, voice, golden, name):
     assert_close(f"{name} audio", got, want, atol=5e-4 * peak)  # observed 6e-6 at peak 0.6
     # The EOS probabilities the forced rule saw are the reference's true values.
     assert_close("EOS probabilities", np.array(probs), run["eos_prob"][: len(probs)], atol=1e-5)
+
+
+def test_a_batch_equals_its_solo_runs(model, voice, golden):
+    """Three utterances of different lengths, windows and stops in one batch: each row's audio is its solo run."""
+    from vibevoice_mlx.windows import Batch, Row
+
+    runs = {n: {k: np.array(v) for k, v in mx.load(str(DATA / f"run_{n}.safetensors")).items()}
+            for n in ("demo", "multiple5", "midwindow")}
+
+    def row(name):
+        noise, stop = mx.array(runs[name]["noise"]), golden["runs"][name]["stop_frame"]
+        return Row(TextIds(runs[name]["text_ids"].tolist(), closed=True), lambda f: noise[f],
+                   lambda f, p: f >= stop)
+
+    solo = {}
+    for name in runs:
+        b = Batch(model, cfg_scale=1.5, steps=5)
+        b.add(row(name), voice)
+        solo[name] = np.concatenate([np.array(a) for _ in iter(lambda: b.rows, []) for _, a in b.step()])
+    b, rows = Batch(model, cfg_scale=1.5, steps=5), {}
+    for name in runs:
+        rows[name] = row(name)
+        b.add(rows[name], voice)
+    got = {name: [] for name in runs}
+    while b.rows:
+        for r, a in b.step():
+            got[next(n for n in rows if rows[n] is r)].append(np.array(a))
+    for name in runs:
+        together = np.concatenate(got[name])
+        assert together.shape == solo[name].shape
+        err = float(np.abs(together - solo[name]).max())
+        assert err == 0.0, f"{name}: batched audio differs from its solo run by {err:.3g}"
