@@ -6,29 +6,29 @@ Observed max errors (float32, MLX CPU) are written beside each tolerance.
 """
 
 import json
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from vibevoice_mlx.models.realtime import RealtimeConfig, RealtimeModel
 from vibevoice_mlx.scheduler import DPMSolver, sample_latent
-from vibevoice_mlx.testing import assert_close
-from vibevoice_mlx.presets import PresetShape, convert_pt, load_preset
+from vibevoice_mlx.testing import REALTIME_TINY as DATA, assert_close, realtime_tiny
 from vibevoice_mlx.windows import TextIds, windows
-
-DATA = Path(__file__).resolve().parent.parent / "tests" / "data" / "realtime_tiny"
 
 
 @pytest.fixture(scope="module")
-def model():
-    cfg = RealtimeConfig.from_dict(json.loads((DATA / "model" / "config.json").read_text()))
-    m = RealtimeModel(cfg)
-    w = m.sanitize(mx.load(str(DATA / "model" / "model.safetensors")), "original")
-    m.load_weights([(k, v.astype(mx.float32)) for k, v in w.items()], strict=True)
-    mx.eval(m.parameters())
-    return m
+def tiny(tmp_path_factory):
+    return realtime_tiny(tmp_path_factory.mktemp("voice"))
+
+
+@pytest.fixture(scope="module")
+def model(tiny):
+    return tiny[0].model
+
+
+@pytest.fixture(scope="module")
+def voice(tiny):
+    return tiny[1]
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +39,6 @@ def comp():
 @pytest.fixture(scope="module")
 def golden():
     return json.loads((DATA / "golden.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def voice(model, tmp_path_factory):
-    """The reference's voice.pt through the restricted reader and the saved-voice format, as a user's preset goes."""
-    path = tmp_path_factory.mktemp("voice") / "voice.safetensors"
-    convert_pt(DATA / "voice.pt", path)
-    return load_preset(path, shape=PresetShape.from_config(model.config.raw))
 
 
 def test_diffusion_head(model, comp):

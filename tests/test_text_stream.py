@@ -8,7 +8,6 @@ pre-tokenizer on sentences like those the tests use, so that whole words and fin
 """
 
 import json
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -17,12 +16,11 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from tokenizers import Tokenizer, pre_tokenizers, trainers
 
 from vibevoice_mlx.errors import UserError
-from vibevoice_mlx.models.realtime import TEXT_WINDOW, RealtimeConfig, RealtimeModel
-from vibevoice_mlx.presets import PresetShape, convert_pt, load_preset
+from vibevoice_mlx.models.realtime import TEXT_WINDOW
+from vibevoice_mlx.testing import REALTIME_TINY as DATA, realtime_tiny
 from vibevoice_mlx.text_stream import TextStream, clean, plain_tokenizer, text_ids, text_source
-from vibevoice_mlx.windows import Session, TextIds, windows
+from vibevoice_mlx.windows import windows
 
-DATA = Path(__file__).resolve().parent / "data" / "realtime_tiny"
 TINY = Tokenizer.from_file(str(DATA / "tokenizer" / "tokenizer.json"))
 ADDED = [t.content for t in TINY.get_added_tokens_decoder().values()]
 SENTENCES = ["Hello world.", "Wait...", "Hi!", "Why?", "The winner wins, don't you think?",
@@ -165,20 +163,18 @@ SPOKEN = "Hé wins, 你 winner’s café. Then… win!"
 
 
 @pytest.fixture(scope="module")
-def model():
-    cfg = RealtimeConfig.from_dict(json.loads((DATA / "model" / "config.json").read_text()))
-    m = RealtimeModel(cfg)
-    w = m.sanitize(mx.load(str(DATA / "model" / "model.safetensors")), "original")
-    m.load_weights([(k, v.astype(mx.float32)) for k, v in w.items()], strict=True)
-    mx.eval(m.parameters())
-    return m
+def tiny(tmp_path_factory):
+    return realtime_tiny(tmp_path_factory.mktemp("voice"))
 
 
 @pytest.fixture(scope="module")
-def voice(model, tmp_path_factory):
-    path = tmp_path_factory.mktemp("voice") / "voice.safetensors"
-    convert_pt(DATA / "voice.pt", path)
-    return load_preset(path, shape=PresetShape.from_config(model.config.raw))
+def model(tiny):
+    return tiny[0].model
+
+
+@pytest.fixture(scope="module")
+def voice(tiny):
+    return tiny[1]
 
 
 def _run(model, voice, text):
@@ -188,8 +184,7 @@ def _run(model, voice, text):
     stop = 6 * n_windows + 2
     noise = mx.random.normal((stop + 6, model.config.acoustic_vae_dim), key=mx.random.key(3))
     ids, wait = text_source(TINY, text)
-    session = Session(model, voice, cfg_scale=1.5, steps=5)
-    audio = windows(session, ids, lambda f: noise[f], lambda f, p: f >= stop, wait=wait)
+    audio = windows(model, voice, ids, lambda f: noise[f], lambda f, p: f >= stop, wait=wait)
     return np.concatenate([np.array(a) for a in audio])
 
 
@@ -225,7 +220,6 @@ def test_window_0_speaks_before_the_text_has_ended(model, voice):
             yield word if i == 0 else " " + word
 
     ids, wait = text_source(TINY, producer())
-    session = Session(model, voice, cfg_scale=1.5, steps=5)
-    first = next(windows(session, ids, lambda f: mx.zeros((model.config.acoustic_vae_dim,)), wait=wait))
+    first = next(windows(model, voice, ids, lambda f: mx.zeros((model.config.acoustic_vae_dim,)), wait=wait))
     assert first.shape == (model.config.hop_length,)
     assert len(ids.ids) >= TEXT_WINDOW and not ids.closed and len(taken) < len(pieces)

@@ -91,21 +91,22 @@ def stream_generate(pipe: RealtimePipeline, text, voice, config=None, noise=None
     from .generation import GenerationConfig, GenerationResponse, NoiseSource, _peak_gb
     from .preset_store import load_voice_preset
     from .presets import PresetShape
-    from .windows import TextIds, default_eos_rule, windows
+    from .text_stream import text_source
+    from .windows import default_eos_rule, windows
 
     config = config or GenerationConfig(steps=pipe.defaults["steps"], cfg_scale=pipe.defaults["cfg_scale"])
     preset = load_voice_preset(voice, shape=PresetShape.from_config(pipe.config.raw))
     key = key if key is not None else mx.random.key(config.seed if config.seed is not None else 0)
     latent = pipe.config.acoustic_vae_dim
     source = NoiseSource(noise, key, latent)
-    ids = TextIds(pipe.tokenizer.encode(text.strip() + "\n", add_special_tokens=False), closed=True)
+    ids, wait = text_source(pipe.tokenizer, text)
     max_frames = None
     if config.max_seconds is not None:
         max_frames = max(1, int(config.max_seconds * pipe.sample_rate // pipe.hop_length))
     start, frames = time.perf_counter(), 0
     last = None
     for audio in windows(pipe.model, preset, ids, lambda f: source()[0], eos_rule or default_eos_rule, max_frames,
-                         config.cfg_scale, config.steps, pipe.dtype):
+                         config.cfg_scale, config.steps, pipe.dtype, wait):
         audio = np.asarray(audio)
         frames += 1
         elapsed = time.perf_counter() - start
