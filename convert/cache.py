@@ -4,17 +4,13 @@ folder from then on. The library's `load` reads raw checkpoints directly; this i
 to the commands (say, serve, the ComfyUI nodes), so the runtime never imports it."""
 
 import logging
-import os
 from pathlib import Path
 from typing import Optional
 
 from ..checkpoint import MLX, weight_format
+from ..hub import cache_root
 
 logger = logging.getLogger(__name__)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("VIBEVOICE_MLX_CACHE", Path.home() / ".cache" / "vibevoice-mlx"))
 
 
 def cached_conversion(repo: str, revision: Optional[str], dtype: str) -> Path:

@@ -102,6 +102,9 @@ def voice_frames(num_samples: int, hop: int = HOP) -> int:
 
 VOICE_FORMAT = "vibevoice-mlx-voice"
 VOICE_FORMAT_VERSION = 1
+# The format name of VibeVoice-Realtime-0.5B voice presets (presets.py): named here so that both readers refuse the
+# other's files.
+REALTIME_VOICE_FORMAT = "vibevoice-mlx-realtime-voice"
 _VOICE_INT_KEYS = ("format_version", "sample_rate", "hop", "vae_dim", "num_samples")
 
 
@@ -132,6 +135,12 @@ def save_voice(path: PathLike, latents: np.ndarray, meta: Dict, force: bool = Fa
     return write_atomically(path, lambda tmp: save_file({"latents": latents}, str(tmp), metadata=info))
 
 
+def realtime_preset_error(voice) -> UserError:
+    """The refusal of a VibeVoice-Realtime-0.5B preset (a name, a .pt or its .safetensors) given to 1.5B/7B."""
+    return UserError(f"{voice} is a VibeVoice-Realtime-0.5B voice preset, which VibeVoice 1.5B/7B cannot use: give an "
+                     "audio clip of the voice, or a voice saved with --save-voice.")
+
+
 def check_saved_voice_path(path: PathLike, force: bool = False) -> Path:
     """Where a saved voice may be written: a `.safetensors` name in a writable folder, not over a file without
     `force`."""
@@ -160,6 +169,8 @@ def load_voice(path: PathLike, vae_dim: Optional[int] = None, hop: Optional[int]
             latents = f.get_tensor("latents") if "latents" in f.keys() else None
     except Exception as e:  # safetensors raises its own error types for a file that is not safetensors
         raise UserError(f"{path} is not a saved voice (cannot read it as safetensors: {e}).") from e
+    if info.get("format") == REALTIME_VOICE_FORMAT:
+        raise realtime_preset_error(path)
     if info.get("format") != VOICE_FORMAT:
         raise UserError(f"{path} is not a saved voice (format {info.get('format')!r}, expected {VOICE_FORMAT!r}).")
     if latents is None:

@@ -71,6 +71,19 @@ def doctor(as_json):
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
+# --- voices ---
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+def voices(as_json):
+    """List the VibeVoice-Realtime-0.5B voice presets: known, downloaded, converted."""
+    import json
+
+    from .preset_store import format_presets, list_presets
+
+    rows = list_presets()
+    click.echo(json.dumps(rows, indent=2) if as_json else format_presets(rows))
+
+
 # --- bench ---
 
 

@@ -6,6 +6,7 @@ traceback from deep inside huggingface_hub.
 """
 
 import logging
+import os
 import re
 from pathlib import Path
 from typing import List, Optional
@@ -39,6 +40,11 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9_][\w.\-]*(/[A-Za-z0-9_][\w.\-]*)?$")
 
 class HubError(UserError):
     """A model argument that is neither a local folder nor an available hub repo; the message says the fix."""
+
+
+def cache_root() -> Path:
+    """This package's own cache (converted models, voice presets): `$VIBEVOICE_MLX_CACHE` or ~/.cache/vibevoice-mlx."""
+    return Path(os.environ.get("VIBEVOICE_MLX_CACHE", Path.home() / ".cache" / "vibevoice-mlx"))
 
 
 def is_repo_id(name: str) -> bool:

@@ -10,6 +10,9 @@ import numpy as np
 _BUILT: Dict[tuple, Dict[str, Path]] = {}
 # The committed tiny fixture, where the tests of a source checkout find it.
 COMMITTED_TINY = Path(__file__).resolve().parents[1] / "tests" / "data" / "tiny"
+# The tiny realtime model, its tokenizer and preset, and what Microsoft's code computed on them
+# (parity_tests/realtime_reference.py; tests/data/realtime_tiny/README.md).
+REALTIME_TINY = COMMITTED_TINY.parent / "realtime_tiny"
 
 
 def tiny_checkpoint(root: Path = None, seed: int = 0, dtype: str = "float32", tie: bool = None,
@@ -37,6 +40,18 @@ def tiny_checkpoint(root: Path = None, seed: int = 0, dtype: str = "float32", ti
         else:
             _BUILT[key] = build(out, "tiny", seed=seed, dtype=dtype, tie=tie)
     return _BUILT[key]
+
+
+def realtime_tiny(tmp: Path):
+    """The tiny realtime model in float32 as a pipeline, and its voice preset read from the reference's .pt through
+    the restricted reader and the saved-voice format (as a user's preset goes): (pipe, voice)."""
+    from .presets import PresetShape, convert_pt, load_preset
+    from .realtime_api import load
+
+    pipe = load(REALTIME_TINY / "model", dtype="float32", tokenizer=REALTIME_TINY / "tokenizer")
+    path = Path(tmp) / "voice.safetensors"
+    convert_pt(REALTIME_TINY / "voice.pt", path)
+    return pipe, load_preset(path, shape=PresetShape.from_config(pipe.config.raw))
 
 
 def to_numpy(x) -> np.ndarray:

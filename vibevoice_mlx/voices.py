@@ -11,10 +11,12 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from .audio import check_input_file, check_saved_voice_path, load_audio, load_voice, normalize_voice, save_voice as write_voice
+from .audio import (check_input_file, check_saved_voice_path, load_audio, load_voice, normalize_voice,
+                    realtime_preset_error, save_voice as write_voice)
 from .constants import SAMPLE_RATE
 from .errors import UserError
 from .notices import warn_once
+from .preset_store import PRESET_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,8 @@ def read_voice(voice, index: int = 0, vae_dim: Optional[int] = None, hop: Option
     Refused in one line: unreadable files, non-finite samples, silence. Said: clips under a second.
     """
     name = f"voice {index + 1}" if isinstance(voice, np.ndarray) else str(voice)
+    if not isinstance(voice, np.ndarray) and (str(voice) in PRESET_NAMES or str(voice).lower().endswith(".pt")):
+        raise realtime_preset_error(voice)
     if not isinstance(voice, np.ndarray):
         check_input_file(voice, "Voice file")
     if isinstance(voice, np.ndarray):
