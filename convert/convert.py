@@ -25,7 +25,7 @@ from ..checkpoint import check_weights, detect_layout, load_config, normalize_co
 from ..constants import COMFYUI_MODEL_FOLDER, DEFAULT_CFG_SCALE, DEFAULT_STEPS, DTYPE_NAMES, GENERATION_CONFIG, mlx_dtype
 from ..errors import UserError, exists_message
 from ..keys import to_original
-from ..model import Model, ModelConfig
+from ..models.vibevoice import Model, ModelConfig
 from ..output import DiskFullError, writing
 from .dtypes import RangeStats, cast
 

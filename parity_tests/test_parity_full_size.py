@@ -15,7 +15,7 @@ from vibevoice_mlx import backbone
 from vibevoice_mlx.keys import original_to_transformers
 from vibevoice_mlx.checkpoint import to_transformers_config
 from vibevoice_mlx.fixtures import random_tensor, real_config
-from vibevoice_mlx.model import SpeechConnector
+from vibevoice_mlx.connector import SpeechConnector
 from vibevoice_mlx.testing import assert_close
 
 pytestmark = pytest.mark.slow

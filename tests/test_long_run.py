@@ -17,7 +17,7 @@ import vibevoice_mlx as vv
 from vibevoice_mlx.engine import MLXBackend
 from vibevoice_mlx.fixtures import tiny_config
 from vibevoice_mlx.loader import VibeVoice, load_tokenizer
-from vibevoice_mlx.model import Model, ModelConfig
+from vibevoice_mlx.models.vibevoice import Model, ModelConfig
 from vibevoice_mlx.processor import SpecialTokens
 
 FRAMES = 4500  # 600 s at 7.5 frames/s

@@ -140,7 +140,7 @@ def test_memory_preflight_refuses_with_what_fits_and_force_overrides(tiny, tmp_p
 
 def test_the_estimate_counts_weights_and_both_branches_kv(tiny):
     from vibevoice_mlx.checkpoint import read_checkpoint
-    from vibevoice_mlx.model import ModelConfig
+    from vibevoice_mlx.models.vibevoice import ModelConfig
 
     ckpt = read_checkpoint(tiny["original"])
     config = ModelConfig.from_normalized(ckpt.normalized)

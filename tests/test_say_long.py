@@ -25,7 +25,7 @@ from mlx.utils import tree_flatten
 from vibevoice_mlx import generation, loader
 from vibevoice_mlx.cli import main
 from vibevoice_mlx.fixtures import tiny_config
-from vibevoice_mlx.model import Model, ModelConfig
+from vibevoice_mlx.models.vibevoice import Model, ModelConfig
 
 K = 3  # frames forced per part
 TURN = ("This is a long turn of the first kind, with words that keep going for a while. It has sentences. "

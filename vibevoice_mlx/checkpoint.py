@@ -19,10 +19,12 @@ from typing import Any, Dict, Optional, Tuple
 from .constants import GENERATION_CONFIG, check_option
 from .errors import UserError
 from .keys import ORIGINAL, TRANSFORMERS
+from .models import REALTIME as REALTIME_FAMILY, family
 
 logger = logging.getLogger(__name__)
 
 MLX = "mlx"  # the layout of a converted folder: original names, MLX tensor layouts
+REALTIME = "realtime"  # VibeVoice-Realtime-0.5B's config (original names; no transformers layout exists)
 
 
 class LayoutError(UserError):
@@ -49,12 +51,16 @@ _QWEN2_FIELDS = [
 
 
 def detect_layout(config: Dict[str, Any]) -> str:
-    """'original' for Microsoft's config (decoder_config), 'transformers' for the 5.x one (text_config)."""
-    if config.get("model_type") not in (None, "vibevoice"):
+    """'original' for Microsoft's config (decoder_config), 'transformers' for the 5.x one (text_config), 'realtime'
+    for VibeVoice-Realtime-0.5B's (model_type vibevoice_streaming; there is one layout of it)."""
+    try:
+        if family(config) == REALTIME_FAMILY:
+            return REALTIME
+    except KeyError:
         raise LayoutError(
-            f"model_type is {config.get('model_type')!r}, not 'vibevoice': this is not a VibeVoice 1.5B/7B "
-            "checkpoint (the Realtime-0.5B model is not supported)."
-        )
+            f"model_type is {config.get('model_type')!r}: this is not a VibeVoice checkpoint (1.5B, 7B: 'vibevoice'; "
+            "Realtime-0.5B: 'vibevoice_streaming')."
+        ) from None
     if "decoder_config" in config and "acoustic_tokenizer_config" in config:
         return ORIGINAL
     if "text_config" in config and "audio_config" in config:
@@ -307,7 +313,8 @@ _FIELD_TYPES = {
         "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
         "vocab_size", "max_position_embeddings", "vae_dim", "channels", "encoder_n_filters", "decoder_n_filters",
         "num_filters", "kernel_size", "last_kernel_size", "ffn_expansion", "head_layers", "latent_size",
-        "frequency_embedding_size", "ddpm_num_steps", "acoustic_vae_dim", "semantic_vae_dim")},
+        "frequency_embedding_size", "ddpm_num_steps", "acoustic_vae_dim", "semantic_vae_dim",
+        "tts_backbone_num_hidden_layers")},
     **{k: (lambda v: _number(v) and v > 0, "a positive number") for k in (
         "rms_norm_eps", "layernorm_eps", "rope_theta", "head_ffn_ratio")},
     **{k: (_number, "a number >= 0") for k in ("fix_std", "vae_std")},
@@ -325,6 +332,9 @@ _REQUIRED = {  # layout -> section -> fields without a default
     TRANSFORMERS: {"text_config": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                                    "rms_norm_eps", "vocab_size"),
                    "audio_config": ("hidden_size",)},
+    REALTIME: {"decoder_config": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                  "rms_norm_eps", "vocab_size"),
+               "acoustic_tokenizer_config": ("vae_dim",)},
 }
 
 
@@ -407,7 +417,7 @@ class Checkpoint:
     """A model folder, read once: its layout, its normalized config and the generation defaults it ships."""
 
     folder: Path
-    layout: str  # "original", "transformers" or "mlx"
+    layout: str  # "original", "transformers", "realtime" or "mlx"
     raw: Dict[str, Any]  # config.json as stored
     normalized: Dict[str, Any]  # original field names, derived values explicit
     generation: Dict[str, Any] = field(default_factory=dict)  # {"steps", "cfg_scale"} where the folder has them
@@ -416,6 +426,11 @@ class Checkpoint:
     def quantization(self) -> Optional[Dict[str, int]]:
         return self.raw.get("quantization")
 
+    @property
+    def family(self) -> str:
+        """models.VIBEVOICE (1.5B, 7B) or models.REALTIME (Realtime-0.5B)."""
+        return family(self.raw)
+
 
 def read_checkpoint(folder: Path) -> Checkpoint:
     """Read config.json (and generation_config.json) of a local folder of any layout."""
@@ -423,8 +438,11 @@ def read_checkpoint(folder: Path) -> Checkpoint:
     raw = load_config(folder)
     fmt = weight_format(folder)
     layout = MLX if fmt == MLX else detect_layout(raw)
-    normalized = normalize_config({k: v for k, v in raw.items() if k not in ("quantization", "conversion")},
-                                  ORIGINAL if layout == MLX else layout)
+    plain = {k: v for k, v in raw.items() if k not in ("quantization", "conversion")}
+    if family(raw) == REALTIME_FAMILY:
+        normalized = copy.deepcopy(plain)  # RealtimeConfig reads the original fields as they are
+    else:
+        normalized = normalize_config(plain, ORIGINAL if layout == MLX else layout)
     generation = {}
     gen_path = folder / GENERATION_CONFIG
     if gen_path.is_file():

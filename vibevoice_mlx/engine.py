@@ -22,7 +22,7 @@ import numpy as np
 from . import backbone
 from .backend import NEXT, TRUNCATED, Event, FrameSettings, JobSource, SegmentJob
 from .errors import NumericsError
-from .model import Model
+from .models.vibevoice import Model
 from .processor import SpecialTokens
 from .scheduler import DPMSolver, sample_latent
 

@@ -21,6 +21,7 @@ import numpy as np
 from .backend import NEXT, TRUNCATED, FrameSettings, Sampler, SegmentJob, greedy
 from .constants import DEFAULT_CFG_SCALE, DEFAULT_STEPS, OPTION_RANGES, SAMPLE_RATE, check_option
 from .errors import UserError
+from .models import REALTIME
 from .notices import warn_once
 from .preflight import check_context
 from .processor import Pause, build_prompt, parse_script, script_speakers
@@ -117,6 +118,22 @@ def _peak_gb() -> float:
         return 0.0
 
 
+def make_response(audio, token, frames: int, samples: int, start: float, seed: int, **flags) -> GenerationResponse:
+    """A response with the running figures of a script that has made `frames` frames (`samples` samples of
+    audio) since `start`."""
+    elapsed = time.perf_counter() - start
+    seconds = samples / SAMPLE_RATE
+    return GenerationResponse(
+        audio=audio, sample_rate=SAMPLE_RATE, token=token, frames=frames, audio_seconds=seconds, elapsed=elapsed,
+        frames_per_second=frames / elapsed if elapsed else 0.0, real_time_factor=seconds / elapsed if elapsed else 0.0,
+        peak_memory_gb=_peak_gb(), seed=seed, **flags)
+
+
+def script_seed(config: GenerationConfig) -> int:
+    """The seed a script runs with: the one given, else one drawn from the clock (reported, so it can be reused)."""
+    return config.seed if config.seed is not None else int(time.time() * 1e6) % (2**31)
+
+
 class NoiseSource:
     """Initial diffusion noise per frame: injected (callable or array) or drawn from a seeded MLX key."""
 
@@ -157,7 +174,7 @@ class ScriptRun:
         voice_arrays = prepare_voices(pipe, voices, len(self.speakers))
         if not voice_arrays:
             warn_once(logger, "No voice given: the model picks the voices itself.")  # once, not once a part
-        self.seed = config.seed if config.seed is not None else int(time.time() * 1e6) % (2**31)
+        self.seed = script_seed(config)
         key, voice_key, noise_key, sample_key = mx.random.split(mx.random.key(self.seed), 4)
         self.voices = pipe.backend.encode_voices(voice_arrays, config.voice_noise, voice_key)
         self.frames_per_voice = [int(v.shape[0]) if v.ndim == 2 else math.ceil(len(v) / pipe.hop_length)
@@ -174,14 +191,8 @@ class ScriptRun:
         self.tokens: List[List[int]] = []
 
     def response(self, audio, token, **flags) -> GenerationResponse:
-        elapsed = time.perf_counter() - self.start
-        seconds = self.samples / SAMPLE_RATE
-        return GenerationResponse(
-            audio=audio, sample_rate=SAMPLE_RATE, token=token, frames=self.frames, audio_seconds=seconds,
-            elapsed=elapsed, frames_per_second=self.frames / elapsed if elapsed else 0.0,
-            real_time_factor=seconds / elapsed if elapsed else 0.0, peak_memory_gb=_peak_gb(),
-            segment=max(self.index, 0), seed=self.seed, **flags,
-        )
+        return make_response(audio, token, self.frames, self.samples, self.start, self.seed,
+                             segment=max(self.index, 0), **flags)
 
     def next_job(self) -> Optional[SegmentJob]:
         while not self.done:
@@ -253,21 +264,28 @@ def _voice_list(voices, i: int) -> Optional[list]:
                     f"one per speaker (got {type(voices).__name__}).")
 
 
+def _realtime(pipe) -> bool:
+    return getattr(pipe, "family", None) == REALTIME
+
+
 def check_call(pipe, scripts, voices, kwargs) -> List[Optional[list]]:
     """The one check of the public generation calls, before any work: a loaded pipeline, text scripts, voices
     (returned as one list per script) and option names (their values: `GenerationConfig`)."""
-    if not hasattr(pipe, "backend") or not hasattr(pipe, "tokenizer"):
+    realtime = _realtime(pipe)
+    if not (hasattr(pipe, "backend") or realtime) or not hasattr(pipe, "tokenizer"):
         raise UserError(f"The first argument must be what vibevoice_mlx.load() returns, not a "
                         f"{type(pipe).__name__}: pipe = vv.load(model); vv.generate(pipe, script).")
     for i, script in enumerate(scripts):
-        if not isinstance(script, str):
+        pieces = realtime and not isinstance(script, (str, bytes)) and hasattr(script, "__iter__")
+        if not (isinstance(script, str) or pieces):
             fix = " (decode it first: script.decode('utf-8'))" if isinstance(script, bytes) else ""
-            raise UserError(f"script {i + 1} must be text (str), not {type(script).__name__}{fix}.")
+            what = "text (str) or an iterable of text pieces" if realtime else "text (str)"
+            raise UserError(f"script {i + 1} must be {what}, not {type(script).__name__}{fix}.")
     known = {f.name for f in fields(GenerationConfig)}
     unknown = sorted(set(kwargs) - known)
     if unknown:
-        raise UserError(f"Unknown keyword {unknown[0]!r}: generation takes {', '.join(sorted(known))}, sampler, noise "
-                        "and stop.")
+        hooks = "eos_rule, noise and stop" if realtime else "sampler, noise and stop"
+        raise UserError(f"Unknown keyword {unknown[0]!r}: generation takes {', '.join(sorted(known))}, {hooks}.")
     if voices is None:
         return [None] * len(scripts)
     if not isinstance(voices, (list, tuple)):
@@ -293,6 +311,7 @@ def stream_generate_batch(
     sampler=None,
     noise=None,
     stop=None,
+    eos_rule=None,
     **kwargs,
 ) -> Iterator[Tuple[int, GenerationResponse]]:
     """Generate several scripts together; yields (script index, response) as audio is produced.
@@ -302,26 +321,38 @@ def stream_generate_batch(
     (or None). Keyword arguments override fields of `config`; `seed`, `max_seconds`, `temperature`, `top_p`,
     `voice_noise`, `sampler`, `noise` and `stop` (a callable returning True to cancel that script at its next
     step) may be lists with one value per script; `steps` and `cfg_scale` are shared by the batch.
+    For VibeVoice-Realtime-0.5B a script may also be an iterable of text pieces, its voices one preset, and
+    `eos_rule(frame_index, probability) -> bool` decides its stop (default: probability > 0.5); `sampler` has no
+    meaning there.
     """
     if isinstance(scripts, (str, bytes)):
         raise UserError("scripts must be a list of scripts; for one script call generate or stream_generate.")
     scripts = list(scripts)
     voices = check_call(pipe, scripts, voices, kwargs)  # misuse is refused now, not at the first step
-    return _stream_batch(pipe, scripts, voices, config, sampler, noise, stop, kwargs)
+    return _stream_batch(pipe, scripts, voices, config, sampler, noise, stop, eos_rule, kwargs)
 
 
-def _stream_batch(pipe, scripts, voices, config, sampler, noise, stop, kwargs):
+def _stream_batch(pipe, scripts, voices, config, sampler, noise, stop, eos_rule, kwargs):
     n = len(scripts)
     if n == 0:
         return
     base = replace(config or GenerationConfig(**getattr(pipe, "defaults", {})),
                    **{k: v for k, v in kwargs.items() if k not in _PER_SCRIPT})
     per_script = {k: v for k, v in kwargs.items() if k in _PER_SCRIPT}
+    configs = [replace(base, **{k: _pick(v, i, n, k) for k, v in per_script.items()}) for i in range(n)]
     start = time.perf_counter()
+    if _realtime(pipe):
+        yield from _stream_realtime(pipe, scripts, voices, configs, [_pick(noise, i, n, "noise") for i in range(n)],
+                                    [_pick(stop, i, n, "stop") for i in range(n)],
+                                    [_pick(eos_rule, i, n, "eos_rule") for i in range(n)], start)
+        if base.free_memory_after_generate:
+            from .memory import free_memory
+
+            free_memory()
+        return
     runs = []
     for i, script in enumerate(scripts):
-        cfg = replace(base, **{k: _pick(v, i, n, k) for k, v in per_script.items()})
-        runs.append(ScriptRun(pipe, script, voices[i], cfg, _pick(sampler, i, n, "sampler"),
+        runs.append(ScriptRun(pipe, script, voices[i], configs[i], _pick(sampler, i, n, "sampler"),
                               _pick(noise, i, n, "noise"), _pick(stop, i, n, "stop"), start))
     settings = FrameSettings(base.steps, base.cfg_scale, base.compile, base.prefill_chunk)
     for i, token, audio in pipe.backend.run(runs, settings):
@@ -337,8 +368,28 @@ def _stream_batch(pipe, scripts, voices, config, sampler, noise, stop, kwargs):
         free_memory()
 
 
+def _stream_realtime(pipe, scripts, voices, configs, noises, stops, eos_rules, start):
+    """The realtime family's events (realtime_api.events) as responses: one per frame, then an empty `finished`
+    one per script (`truncated` unless its EOS rule stopped it)."""
+    from .realtime_api import events
+
+    seeds = [script_seed(c) for c in configs]
+    sources = [NoiseSource(noises[i], mx.random.key(seeds[i]), pipe.config.acoustic_vae_dim)
+               for i in range(len(scripts))]
+    frames = [0] * len(scripts)
+    for i, audio, stop in events(pipe, scripts, voices, configs, [lambda f, s=s: s()[0] for s in sources], stops,
+                                 eos_rules):
+        if audio is not None:
+            frames[i] += 1
+            yield i, make_response(audio, None, frames[i], frames[i] * pipe.hop_length, start, seeds[i])
+        else:
+            yield i, make_response(np.zeros(0, np.float32), None, frames[i], frames[i] * pipe.hop_length, start,
+                                   seeds[i], finished=True, truncated=stop != "eos")
+
+
 def stream_generate(pipe, script: str, voices: Optional[Sequence] = None, config: Optional[GenerationConfig] = None,
-                    sampler: Optional[Sampler] = None, noise: Noise = None, **kwargs) -> Iterator[GenerationResponse]:
+                    sampler: Optional[Sampler] = None, noise: Noise = None, eos_rule=None,
+                    **kwargs) -> Iterator[GenerationResponse]:
     """Generate speech for `script`, yielding audio chunks (3200 samples per frame) as they are produced.
 
     pipe: what `vibevoice_mlx.load` returned. voices: one per speaker, in speaker order: audio file paths, float32
@@ -347,7 +398,8 @@ def stream_generate(pipe, script: str, voices: Optional[Sequence] = None, config
     chooses the next token among the control tokens; `noise` supplies each frame's initial diffusion noise;
     `stop()` returning True ends the script at its next step.
     """
-    return (r for _, r in stream_generate_batch(pipe, [script], [voices], config, [sampler], [noise], **kwargs))
+    return (r for _, r in stream_generate_batch(pipe, [script], [voices], config, [sampler], [noise],
+                                                eos_rule=[eos_rule], **kwargs))
 
 
 def _result(responses: List[GenerationResponse], tokens: List[List[int]]) -> GenerationResult:

@@ -9,10 +9,12 @@ from typing import Any, Dict, Optional, Tuple, Union
 import mlx.core as mx
 import mlx.nn as nn
 
-from .checkpoint import MLX, Checkpoint, LoadError, check_weights, read_checkpoint, read_json, read_weights
+from .checkpoint import MLX, REALTIME, Checkpoint, LoadError, check_weights, read_checkpoint, read_json, read_weights
 from .constants import SAMPLE_RATE, mlx_dtype
 from .keys import to_original
-from .model import Model, ModelConfig
+from .models import REALTIME as REALTIME_FAMILY
+from .models.realtime import RealtimeConfig, RealtimeModel
+from .models.vibevoice import Model, ModelConfig
 from .processor import SpecialTokens
 
 logger = logging.getLogger(__name__)
@@ -44,10 +46,18 @@ def cast_weights(model: Model, weights: Dict[str, mx.array], dtype: mx.Dtype) ->
     return out
 
 
-def build_model(ckpt: Checkpoint, config: ModelConfig, dtype: Optional[Union[str, mx.Dtype]] = None) -> Model:
-    """The MLX model of a checkpoint already read, with its weights loaded strictly."""
+def model_config(ckpt: Checkpoint) -> Union[ModelConfig, RealtimeConfig]:
+    """The typed config of a checkpoint's family (fails before any weight is read)."""
+    if ckpt.family == REALTIME_FAMILY:
+        return RealtimeConfig.from_dict(ckpt.normalized, ckpt.quantization)
+    return ModelConfig.from_normalized(ckpt.normalized, ckpt.quantization)
+
+
+def build_model(ckpt: Checkpoint, config: Union[ModelConfig, RealtimeConfig],
+                dtype: Optional[Union[str, mx.Dtype]] = None) -> Union[Model, RealtimeModel]:
+    """The MLX model of a checkpoint already read (either family), with its weights loaded strictly."""
     weights, _ = read_weights(ckpt.folder)
-    model = Model(config)
+    model = RealtimeModel(config) if isinstance(config, RealtimeConfig) else Model(config)
     if config.quantization:
         q = config.quantization
         nn.quantize(model, group_size=q["group_size"], bits=q["bits"], class_predicate=model.quant_predicate)
@@ -56,7 +66,7 @@ def build_model(ckpt: Checkpoint, config: ModelConfig, dtype: Optional[Union[str
             # 0.12 s); quantization pays off on Apple GPUs, not on MLX's CPU backend.
             logger.warning("%s has a %d-bit language model; MLX's CPU backend runs quantized matmuls very slowly. "
                            "On a CPU, convert without -q instead.", ckpt.folder, q["bits"])
-    if ckpt.layout != MLX:
+    if ckpt.layout not in (MLX, REALTIME):
         weights = to_original(weights, ckpt.layout)
     weights = model.sanitize(weights, ckpt.layout)
     check_weights(model, weights)
@@ -75,8 +85,7 @@ def load_model(path: Union[str, Path], dtype: Optional[Union[str, mx.Dtype]] = N
     architecture.md §8 keeps in float32 stay float32 whatever it is. Returns (model, local folder).
     """
     ckpt = read_checkpoint(resolve_folder(path, revision))
-    config = ModelConfig.from_normalized(ckpt.normalized, ckpt.quantization)  # fails before reading weights
-    return build_model(ckpt, config, dtype), ckpt.folder
+    return build_model(ckpt, model_config(ckpt), dtype), ckpt.folder
 
 
 def resolve_folder(path: Union[str, Path], revision: Optional[str] = None) -> Path:
@@ -145,8 +154,10 @@ def inspect(path_or_repo: Union[str, Path], tokenizer: Optional[Union[str, Path]
     """Everything about a model but its weights: the checkpoint read once, its typed config, the tokenizer and
     the control tokens (what `load` builds on, and what `say` checks a script against before loading)."""
     ckpt = read_checkpoint(resolve_folder(path_or_repo, revision))
-    config = ModelConfig.from_normalized(ckpt.normalized, ckpt.quantization)
+    config = model_config(ckpt)
     tok = load_tokenizer(ckpt.folder, tokenizer)
+    if ckpt.family == REALTIME_FAMILY:
+        return ckpt, config, tok, None  # no control tokens: the realtime model decides nothing but its stop
     return ckpt, config, tok, SpecialTokens.from_tokenizer(tok, config.token_ids)
 
 
@@ -169,6 +180,14 @@ def load(
     """
     _check_load_args(backend, dtype, max_batch)
     ckpt, config, tok, tokens = inspect(path_or_repo, tokenizer, revision)
+    if ckpt.family == REALTIME_FAMILY:
+        from .realtime_api import RealtimePipeline
+
+        if backend == "torch":
+            raise LoadError(f"{ckpt.folder} is VibeVoice-Realtime-0.5B, which has no PyTorch implementation to run "
+                            "(transformers has none yet): use the MLX backend (drop --backend torch).")
+        return RealtimePipeline(build_model(ckpt, config, dtype), tok, ckpt.folder, config,
+                                max_batch=max_batch, generation=dict(ckpt.generation))
     if backend == "torch":
         from .torch_engine import TorchBackend
 

@@ -1,23 +1,22 @@
 """VibeVoice-Realtime-0.5B behind the package's front doors: the pipeline `load` returns for it, and generation.
 
 The public functions (`vv.load`, `vv.generate`, `vv.stream_generate`, `vv.generate_batch`) decide the family from
-`config.json` (`models.family_of`) and come here for this one. Text goes through the realtime processor (the
+`config.json` (`models.family`) and come here for this one. Text goes through the realtime processor (the
 whole text, or pieces as they arrive: `text_stream`), the voice is a preset (`presets`), and `windows` runs the
 schedule. Responses and results are the 1.5B's types, so callers handle both families alike.
 """
 
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Union
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 
-from .checkpoint import MLX, load_config, read_weights
-from .constants import SAMPLE_RATE, mlx_dtype
+from .constants import SAMPLE_RATE
+from .errors import UserError
+from .models import REALTIME
 from .models.realtime import RealtimeConfig, RealtimeModel
 
 logger = logging.getLogger(__name__)
@@ -29,16 +28,21 @@ DEFAULT_CFG_SCALE = 1.5
 
 @dataclass
 class RealtimePipeline:
-    """A loaded realtime model ready for `generate`: the model, its tokenizer and the generation defaults."""
+    """A loaded realtime model ready for `generate` (what `vv.load` returns for this family): the model, its
+    tokenizer and the generation defaults (the demos', under the folder's generation_config.json)."""
 
     model: RealtimeModel
     tokenizer: Any
     folder: Path
     config: RealtimeConfig
-    defaults: Dict[str, Any] = field(default_factory=lambda: {"steps": DEFAULT_STEPS,
-                                                              "cfg_scale": DEFAULT_CFG_SCALE})
+    max_batch: int = 8
+    generation: Dict[str, Any] = field(default_factory=dict)
     sample_rate: int = SAMPLE_RATE
-    family: str = "realtime"
+    family: str = REALTIME
+
+    @property
+    def defaults(self) -> Dict[str, Any]:
+        return {"steps": DEFAULT_STEPS, "cfg_scale": DEFAULT_CFG_SCALE, **self.generation}
 
     @property
     def hop_length(self) -> int:
@@ -48,73 +52,46 @@ class RealtimePipeline:
     def dtype(self) -> mx.Dtype:
         return self.model.model.tts_language_model.layers[0].input_layernorm.weight.dtype
 
-    @property
-    def pad_id(self) -> int:
-        """`<|image_pad|>`, the negative pseudo id (realtime.md §2.4); never embedded, kept for bookkeeping."""
-        return int(self.tokenizer.convert_tokens_to_ids("<|image_pad|>"))
+
+DEFAULT_VOICE = "en-Carter_man"  # the web demo's default (demo/web/app.py)
 
 
-def build_model(folder: Path, raw: Dict[str, Any], dtype: Optional[Union[str, mx.Dtype]] = None) -> RealtimeModel:
-    """The MLX realtime model of a folder (original layout or converted), its weights loaded strictly."""
-    from .loader import cast_weights, check_weights, default_dtype
+def events(pipe: RealtimePipeline, scripts, voices, configs, noises, stops, eos_rules
+           ) -> Iterator[Tuple[int, Optional[np.ndarray], Optional[str]]]:
+    """Speak each script (a string, or an iterable of text pieces as they arrive) in its preset voice, up to
+    `pipe.max_batch` at once (the others join as rows finish). Yields (script index, audio [hop], None) per frame,
+    then (script index, None, why it stopped: "eos", "max_frames", "context" or "cancelled") once.
 
-    config = RealtimeConfig.from_dict({k: v for k, v in raw.items() if k not in ("quantization", "conversion")},
-                                      raw.get("quantization"))
-    weights, fmt = read_weights(folder)
-    model = RealtimeModel(config)
-    if config.quantization:
-        q = config.quantization
-        nn.quantize(model, group_size=q["group_size"], bits=q["bits"], class_predicate=model.quant_predicate)
-    weights = model.sanitize(weights, MLX if fmt == MLX else "original")
-    check_weights(model, weights)
-    dtype = mlx_dtype(dtype) if dtype is not None else default_dtype()
-    model.load_weights(list(cast_weights(model, weights, dtype).items()), strict=True)
-    model.eval()
-    logger.info("Loaded %s (realtime, %s) as %s", folder, "converted" if fmt == MLX else "original", dtype)
-    return model
-
-
-def load(folder: Path, dtype: Optional[Union[str, mx.Dtype]] = None,
-         tokenizer: Optional[Union[str, Path]] = None) -> RealtimePipeline:
-    from .loader import load_tokenizer
-
-    raw = load_config(folder)
-    config = RealtimeConfig.from_dict({k: v for k, v in raw.items() if k not in ("quantization", "conversion")})
-    tok = load_tokenizer(folder, tokenizer)
-    return RealtimePipeline(build_model(folder, raw, dtype), tok, folder, config)
-
-
-def stream_generate(pipe: RealtimePipeline, text, voice, config=None, noise=None,
-                    eos_rule=None, key: Optional[mx.array] = None) -> Iterator:
-    """Speak `text` (a string, or an iterable of text pieces as they arrive) in the preset `voice`; yields a
-    `GenerationResponse` per frame, the last one `finished`. `noise` and `eos_rule` are the test hooks."""
-    from .generation import GenerationConfig, GenerationResponse, NoiseSource, _peak_gb
+    noises[i](f) gives frame f's initial latent. Steps and cfg scale are the first config's (shared by a batch);
+    max_seconds, stop and eos_rule are per script. Every voice is read before any work starts."""
     from .preset_store import load_voice_preset
     from .presets import PresetShape
     from .text_stream import text_source
-    from .windows import default_eos_rule, windows
+    from .windows import Batch, Row, default_eos_rule
 
-    config = config or GenerationConfig(steps=pipe.defaults["steps"], cfg_scale=pipe.defaults["cfg_scale"])
-    preset = load_voice_preset(voice, shape=PresetShape.from_config(pipe.config.raw))
-    key = key if key is not None else mx.random.key(config.seed if config.seed is not None else 0)
-    latent = pipe.config.acoustic_vae_dim
-    source = NoiseSource(noise, key, latent)
-    ids, wait = text_source(pipe.tokenizer, text)
-    max_frames = None
-    if config.max_seconds is not None:
-        max_frames = max(1, int(config.max_seconds * pipe.sample_rate // pipe.hop_length))
-    start, frames = time.perf_counter(), 0
-    last = None
-    for audio in windows(pipe.model, preset, ids, lambda f: source()[0], eos_rule or default_eos_rule, max_frames,
-                         config.cfg_scale, config.steps, pipe.dtype, wait):
-        audio = np.asarray(audio)
-        frames += 1
-        elapsed = time.perf_counter() - start
-        seconds = frames * pipe.hop_length / pipe.sample_rate
-        if last is not None:
-            yield last
-        last = GenerationResponse(audio, pipe.sample_rate, None, frames, seconds, elapsed, frames / elapsed,
-                                  seconds / elapsed, _peak_gb())
-    if last is not None:
-        last.finished = True
-        yield last
+    shape = PresetShape.from_config(pipe.config.raw)
+    presets = [load_voice_preset(_one_voice(v), shape=shape) for v in voices]
+    batch = Batch(pipe.model, configs[0].cfg_scale, configs[0].steps, pipe.dtype)
+    pending, rows = list(range(len(scripts))), {}
+    while pending or batch.rows:
+        while pending and len(batch.rows) < pipe.max_batch:
+            i = pending.pop(0)
+            seconds = configs[i].max_seconds
+            max_frames = None if seconds is None else max(1, int(seconds * pipe.sample_rate // pipe.hop_length))
+            ids, wait = text_source(pipe.tokenizer, scripts[i])
+            rows[i] = Row(ids, noises[i], eos_rules[i] or default_eos_rule, max_frames, wait, should_stop=stops[i])
+            batch.add(rows[i], presets[i])
+        for row, audio in batch.step():
+            yield next(k for k, r in rows.items() if r is row), np.asarray(audio), None
+        for i in [k for k, r in rows.items() if r.done]:
+            yield i, None, rows.pop(i).stop
+
+
+def _one_voice(voices):
+    """A realtime script speaks in one preset: its name or file (the web demo's default when none is given)."""
+    if voices is None or len(voices) == 0:
+        return DEFAULT_VOICE
+    if len(voices) > 1:
+        raise UserError(f"VibeVoice-Realtime-0.5B speaks in one voice per script; got {len(voices)}: give one "
+                        "preset name or file.")
+    return voices[0]

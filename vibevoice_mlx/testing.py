@@ -45,8 +45,8 @@ def tiny_checkpoint(root: Path = None, seed: int = 0, dtype: str = "float32", ti
 def realtime_tiny(tmp: Path):
     """The tiny realtime model in float32 as a pipeline, and its voice preset read from the reference's .pt through
     the restricted reader and the saved-voice format (as a user's preset goes): (pipe, voice)."""
+    from .loader import load
     from .presets import PresetShape, convert_pt, load_preset
-    from .realtime_api import load
 
     pipe = load(REALTIME_TINY / "model", dtype="float32", tokenizer=REALTIME_TINY / "tokenizer")
     path = Path(tmp) / "voice.safetensors"

@@ -56,11 +56,16 @@ class Row:
     eos_rule: EOSRule = default_eos_rule
     max_frames: Optional[int] = None
     wait: Optional[Callable[[TextIds, int], None]] = None
+    should_stop: Optional[Callable[[], bool]] = None  # True: cancel before its next frame
     frames: int = 0  # frames made
     windows: int = 0  # windows begun
     positions: int = 0  # positions held by its positive TTS cache (the context limit counts the preset, §4.8)
-    done: bool = False
+    stop: Optional[str] = None  # why it ended: "eos", "max_frames", "context" or "cancelled"
     started: bool = field(default=False, repr=False)  # has had a text window (h⁺ is defined)
+
+    @property
+    def done(self) -> bool:
+        return self.stop is not None
 
     def window_ids(self) -> List[int]:
         need = TEXT_WINDOW * (self.windows + 1)
@@ -152,7 +157,7 @@ class Batch:
                 window = row.window_ids()
                 row.windows += 1
                 if window and row.positions + len(window) > limit:
-                    row.done, window = True, []
+                    row.stop, window = "context", []
                 elif not window and not row.started:
                     raise ValueError("the first text window is empty: the processor always gives at least one id")
             ids.append(window)
@@ -175,6 +180,10 @@ class Batch:
     def step(self) -> List[tuple]:
         """One frame for every row (after the text windows due): [(row, audio [hop] float32)]; rows that stop
         leave the batch."""
+        for row in self.rows:
+            if row.should_stop is not None and row.should_stop():
+                row.stop = "cancelled"
+        self._keep([i for i, r in enumerate(self.rows) if not r.done])
         self._text()
         self._keep([i for i, r in enumerate(self.rows) if not r.done])
         if not self.rows:
@@ -190,8 +199,10 @@ class Batch:
         for i, row in enumerate(self.rows):
             out.append((row, audio[i]))
             row.frames += 1
-            if (row.max_frames is not None and row.frames >= row.max_frames) or row.positions + 1 > limit:
-                row.done = True  # heard, never fed back (§4.8)
+            if row.max_frames is not None and row.frames >= row.max_frames:
+                row.stop = "max_frames"
+            elif row.positions + 1 > limit:
+                row.stop = "context"  # heard, never fed back (§4.8)
         feeding = [i for i, r in enumerate(self.rows) if not r.done]
         self._keep(feeding)
         if self.rows:
@@ -203,7 +214,7 @@ class Batch:
             for row, prob in zip(self.rows, p):
                 row.positions += 1
                 if row.eos_rule(row.frames - 1, prob):
-                    row.done = True
+                    row.stop = "eos"
             self._keep([i for i, r in enumerate(self.rows) if not r.done])
         return out
 

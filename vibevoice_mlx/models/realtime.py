@@ -19,7 +19,7 @@ from ..checkpoint import _head_from_original, _qwen2, _tokenizer_from_original
 from ..diffusion_head import DiffusionHead, DiffusionHeadConfig
 from ..errors import UserError
 from ..keys import mlx_transpose
-from ..model import SpeechConnector
+from ..connector import SpeechConnector
 from ..scheduler import SchedulerConfig
 
 MODEL_TYPE = "vibevoice_streaming"

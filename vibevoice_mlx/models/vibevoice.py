@@ -1,4 +1,4 @@
-"""The VibeVoice model in MLX: backbone, σ-VAE tokenizers, connectors, diffusion head.
+"""VibeVoice 1.5B and 7B in MLX: backbone, σ-VAE tokenizers, connectors, diffusion head.
 
 Attribute names equal the original Microsoft checkpoint keys (`model.language_model.*`,
 `model.acoustic_tokenizer.*`, `model.prediction_head.*`, ...), so an original checkpoint loads with no renaming
@@ -14,11 +14,12 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models import qwen2
 
-from . import backbone
-from .audio_tokenizer import AcousticTokenizer, SemanticTokenizer, TokenizerConfig
-from .diffusion_head import DiffusionHead, DiffusionHeadConfig
-from .keys import mlx_transpose
-from .scheduler import SchedulerConfig
+from .. import backbone
+from ..audio_tokenizer import AcousticTokenizer, SemanticTokenizer, TokenizerConfig
+from ..connector import SpeechConnector
+from ..diffusion_head import DiffusionHead, DiffusionHeadConfig
+from ..keys import mlx_transpose
+from ..scheduler import SchedulerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -69,19 +70,6 @@ class ModelConfig:
     @property
     def hop_length(self) -> int:
         return self.acoustic_tokenizer_config.hop_length
-
-
-class SpeechConnector(nn.Module):
-    """fc1 -> RMSNorm -> fc2, no activation (architecture.md §3.2)."""
-
-    def __init__(self, input_dim: int, output_dim: int):
-        super().__init__()
-        self.fc1 = nn.Linear(input_dim, output_dim)
-        self.norm = nn.RMSNorm(output_dim, eps=1e-6)
-        self.fc2 = nn.Linear(output_dim, output_dim)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.fc2(self.norm(self.fc1(x)))
 
 
 class VibeVoiceModel(nn.Module):
