@@ -78,6 +78,9 @@ def summary(outcomes: Sequence[Outcome], wall: float) -> str:
 @click.option("--tokenizer", help="Tokenizer folder or repo id, when the model folder has none.")
 @click.option("--batch-size", type=click.IntRange(1),
               help=f"Scripts per forward pass (default: what memory allows, at most {MAX_BATCH}).")
+@click.option("--batch-invariant", is_flag=True,
+              help="Each job's audio equals its run alone, bit for bit on any BLAS (one product per script: "
+                   "slower with several scripts on the CPU).")
 @click.option("--shard", help="i/n: run only jobs i, i+n, i+2n, ... of the manifest (0 <= i < n).")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
               help="Run the jobs on a Ray cluster (pip install 'vibevoice-mlx[ray]'): its ADDRESS, or none for the "
@@ -97,8 +100,8 @@ def summary(outcomes: Sequence[Outcome], wall: float) -> str:
 @click.option("--force-frames", type=click.IntRange(1), hidden=True,
               help="Testing aid: N speech frames per segment, then its end (random test models never speak).")
 @click.pass_context
-def batch(ctx, manifest, out_dir, model, dtype, tokenizer, batch_size, shard, ray_address, workers, worker_cpus,
-          retries, force_frames, **defaults):
+def batch(ctx, manifest, out_dir, model, dtype, tokenizer, batch_size, batch_invariant, shard, ray_address, workers,
+          worker_cpus, retries, force_frames, **defaults):
     """Generate every job of MANIFEST (JSON Lines) into --out-dir; finished jobs are skipped, so a rerun resumes."""
     quiet = (ctx.obj or {}).get("quiet", False)
     started = time.perf_counter()
@@ -124,7 +127,7 @@ def batch(ctx, manifest, out_dir, model, dtype, tokenizer, batch_size, shard, ra
                                 tokenizer=tokenizer, force_frames=force_frames)
         else:
             source = Runner(out_dir, model, dtype=dtype, tokenizer=tokenizer, batch_size=batch_size,
-                            force_frames=force_frames).run(todo)
+                            force_frames=force_frames, batch_invariant=batch_invariant).run(todo)
         with user_errors():
             for o in source:
                 outcomes.append(o)
