@@ -6,7 +6,9 @@ scripts run. A row that chose `speech_diffusion` produces a latent frame through
 3200 samples by the streaming σ-VAE decoder and fed back through the streaming semantic encoder; every row keeps
 its own stopping, negative-branch restarts and tokenizer stream state, and a script that finishes a segment is
 replaced by its next segment (or leaves the batch) without disturbing the others. A script's rows never mix with
-another's: its audio equals that script generated alone, within float32 rounding (tests/test_batch.py).
+another's, but a BLAS rounds a row by the shape of the product it is in, so its audio equals that script generated
+alone only within float32 rounding, which later frames can amplify. `batch_invariant=True` runs every product once
+per script (invariant.py, `backbone.ScriptAttention`): then it is equal bit for bit (tests/test_batch_invariance.py).
 """
 
 import logging
