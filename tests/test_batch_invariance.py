@@ -102,3 +102,37 @@ def test_a_new_cfg_scale_or_step_count_does_not_trace_the_frame_step_again(tiny,
     fresh = vv.load(tiny["original"], tokenizer=tiny["tokenizer"])
     again = vv.generate(fresh, SCRIPTS[0], sampler=scripted(*PLANS[0]), seed=1, steps=37, cfg_scale=1.3)
     np.testing.assert_array_equal(again.audio, runs[1].audio)
+
+
+def test_batch_and_serve_take_the_option_and_the_runner_loads_with_it(tiny, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from vibevoice_mlx import batch as batch_cli
+    from vibevoice_mlx.batch_run import Runner
+    from vibevoice_mlx.server.cli import serve
+
+    made = []
+
+    class Recording(Runner):
+        def __init__(self, *args, **kwargs):
+            made.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+        def run(self, jobs):
+            return iter(())
+
+    monkeypatch.setattr(batch_cli, "Runner", Recording)
+    manifest = tmp_path / "jobs.jsonl"
+    manifest.write_text(json.dumps({"id": "a", "script": "Speaker 1: Hi."}) + "\n", encoding="utf-8")
+    r = CliRunner().invoke(batch_cli.batch, [str(manifest), "--out-dir", str(tmp_path / "out"), "--model", "m",
+                                             "--batch-invariant"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert made and made[0]["batch_invariant"] is True
+    assert "--batch-invariant" in CliRunner().invoke(serve, ["--help"]).output
+
+    runner = Runner(tmp_path / "o", str(tiny["original"]), tokenizer=str(tiny["tokenizer"]), batch_size=2,
+                    batch_invariant=True)
+    model = runner.pipe.backend.model.model
+    assert runner.pipe.backend.batch_invariant
+    assert {m.group for _, m in model.language_model.named_modules() if hasattr(m, "group")} == {2}
+    assert {m.group for _, m in model.acoustic_tokenizer.decoder.named_modules() if hasattr(m, "group")} == {1}
