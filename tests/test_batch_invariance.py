@@ -39,7 +39,16 @@ voices = [[rng.standard_normal(3 * hop + 5).astype(np.float32)],
 solo = [vv.generate(pipe, s, v, sampler=scripted(*p), seed=seed)
         for s, v, p, seed in zip(SCRIPTS, voices, PLANS, [3, 4, 5])]
 batch = vv.generate_batch(pipe, SCRIPTS, voices, sampler=[scripted(*p) for p in PLANS], seed=[3, 4, 5])
-print(json.dumps({{"blas": blas.active_blas()["name"], "frames": [b.frames for b in batch],
+import mlx.core as mx
+from vibevoice_mlx import invariant
+products = []  # the real model's shapes (rows per script, inputs, outputs), where the tiny model's are too small
+for rows, k, n in [(1, 1536, 1536), (2, 1536, 8960), (2, 8960, 1536), (20, 1536, 4608), (3200, 224, 1),
+                   (400, 448, 1024), (800, 2048, 160)]:
+    x = mx.random.normal((3, rows, k), key=mx.random.key(rows))
+    w = mx.random.normal((n, k), key=mx.random.key(k)).T
+    together = invariant.matmul(x, w, 1)
+    products.append(all(bool(mx.array_equal(together[i], invariant.matmul(x[i:i + 1], w, 1)[0])) for i in range(3)))
+print(json.dumps({{"blas": blas.active_blas()["name"], "frames": [b.frames for b in batch], "products": products,
                    "same_tokens": [b.tokens == s.tokens for b, s in zip(batch, solo)],
                    "max_diff": [float(np.abs(b.audio - s.audio).max()) if len(b.audio) == len(s.audio) else None
                                 for b, s in zip(batch, solo)]}}))
@@ -73,6 +82,7 @@ def test_batch_rows_equal_solo_runs_bit_for_bit_under_each_blas(kind):
     assert got["blas"] == name
     assert got["same_tokens"] == [True] * 3 and got["frames"] == [sum(p.count(259) for p in plan) for plan in PLANS]
     assert got["max_diff"] == [0.0, 0.0, 0.0]
+    assert got["products"] == [True] * 7
 
 
 @pytest.mark.skipif(blas.find_system_blas("blis") is None and not os.environ.get("CI"), reason="no system BLIS")

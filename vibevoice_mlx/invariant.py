@@ -10,8 +10,7 @@ on its batch-mates, and once one frame differs the frames after it diverge.
 script (2 for the language model's CFG pair, 1 elsewhere), and each script's rows are multiplied by a weight
 broadcast along a script axis. MLX's CPU backend runs that as one sgemm call per script, with exactly the rows,
 order and shape of the same script's solo run, so a row no longer depends on the others on any BLAS. The cost:
-each script reads the weights once (`bench --batch` measures it). A 2-D input is a plain matrix (a prompt's
-rows), and one script alone takes the ordinary product, which is the same call.
+each script reads the weights once (README, Speed). A 2-D input is a plain matrix (a prompt's rows).
 """
 
 from typing import Optional
@@ -22,9 +21,11 @@ import mlx.core as mx
 def matmul(x: mx.array, w: mx.array, group: int = 0, bias: Optional[mx.array] = None) -> mx.array:
     """`x @ w` (+ `bias`) for x [..., K] and w [K, N]; with `group` > 0 and a batch axis, one product per script
     (`group` leading entries each), so a script's rows come out as they do alone."""
-    scripts = x.shape[0] // group if group > 0 and x.ndim >= 3 else 1
-    if scripts <= 1:
+    if group <= 0 or x.ndim < 3:
         return x @ w if bias is None else mx.addmm(bias, x, w)
+    # One script alone takes the batched form too: MLX runs a 2-D product of one column (the decoder's last conv)
+    # another way than a batched one, and OpenBLAS rounds the two differently.
+    scripts = max(x.shape[0] // group, 1)
     rows = x.reshape(scripts, -1, x.shape[-1])
     w = mx.broadcast_to(w, (scripts, *w.shape))  # a stride-0 batch: MLX does not fold it into one product
     y = rows @ w if bias is None else mx.addmm(bias, rows, w)
