@@ -138,6 +138,13 @@ def test_batch_and_serve_take_the_option_and_the_runner_loads_with_it(tiny, tmp_
                                              "--batch-invariant"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert made and made[0]["batch_invariant"] is True
+    from vibevoice_mlx import batch_ray
+
+    monkeypatch.setattr(batch_ray, "run_on_ray", lambda jobs, out, address, **kw: made.append(kw) or iter(()))
+    r = CliRunner().invoke(batch_cli.batch, [str(manifest), "--out-dir", str(tmp_path / "out"), "--model", "m",
+                                             "--batch-invariant", "--ray"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert made[-1]["batch_invariant"] is True
     assert "--batch-invariant" in CliRunner().invoke(serve, ["--help"]).output
 
     runner = Runner(tmp_path / "o", str(tiny["original"]), tokenizer=str(tiny["tokenizer"]), batch_size=2,

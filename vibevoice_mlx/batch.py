@@ -124,7 +124,7 @@ def batch(ctx, manifest, out_dir, model, dtype, tokenizer, batch_size, batch_inv
 
             source = run_on_ray(todo, out_dir, ray_address or None, workers=workers, worker_cpus=worker_cpus,
                                 retries=retries, batch_size=batch_size, model=model, dtype=dtype,
-                                tokenizer=tokenizer, force_frames=force_frames)
+                                tokenizer=tokenizer, force_frames=force_frames, batch_invariant=batch_invariant)
         else:
             source = Runner(out_dir, model, dtype=dtype, tokenizer=tokenizer, batch_size=batch_size,
                             force_frames=force_frames, batch_invariant=batch_invariant).run(todo)
