@@ -178,7 +178,8 @@ class MLXBackend:
         parts = (m.language_model, m.prediction_head, m.acoustic_tokenizer.decoder, m.semantic_tokenizer.encoder,
                  m.acoustic_connector, m.semantic_connector)
         if batch_invariant or (mx.default_device() == mx.cpu if decode_layout is None else decode_layout):
-            # The weights a frame reads, in the layout the CPU's sgemm reads fastest (backbone.DecodeLinear).
+            # The weights a frame reads, in the layout the CPU's sgemm reads fastest (backbone.DecodeLinear, which
+            # also carries the per-script products of `batch_invariant`).
             for part in parts:
                 backbone.to_decode_layout(part)
         if batch_invariant:

@@ -10,7 +10,8 @@ on its batch-mates, and once one frame differs the frames after it diverge.
 script (2 for the language model's CFG pair, 1 elsewhere), and each script's rows are multiplied by a weight
 broadcast along a script axis. MLX's CPU backend runs that as one sgemm call per script, with exactly the rows,
 order and shape of the same script's solo run, so a row no longer depends on the others on any BLAS. The cost:
-each script reads the weights once (README, Speed). A 2-D input is a plain matrix (a prompt's rows).
+each script reads the weights once (README, Speed). A 2-D input is a plain matrix (a prompt's rows). Quantized
+layers keep MLX's own quantized product, which calls no BLAS; only float layers are split (and tested).
 """
 
 from typing import Optional
