@@ -221,8 +221,8 @@ def test_profile_gives_the_outputs_of_a_plain_frame_step(pipe):
     args = (mx.random.normal((2, h), key=mx.random.key(1)), mx.random.normal((2, h), key=mx.random.key(2)),
             mx.random.normal((2, latent), key=mx.random.key(3)),
             m.acoustic_tokenizer.decoder.make_state(2), m.semantic_tokenizer.encoder.make_state(2))
-    plain = step(*args)
-    profiled, seconds = step.profile(*args)
+    plain = step(*args, 10, 1.3)
+    profiled, seconds = step.profile(*args, 10, 1.3)
     assert list(seconds) == ["diffusion head", "decoder", "semantic encoder", "connectors"]
     for a, b in zip(tree_flatten(plain), tree_flatten(profiled)):
         np.testing.assert_allclose(np.array(b[1]), np.array(a[1]), atol=1e-5 * max(1, float(mx.abs(a[1]).max())))

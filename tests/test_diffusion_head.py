@@ -69,14 +69,14 @@ def test_timestep_sinusoid_is_cos_first_and_float32():
 
 def test_fast_step_equals_plain_call(head):
     pos, neg, x = _inputs()
-    cond = mx.concatenate([pos, neg])
+    cond = mx.stack([pos, neg], axis=1)  # [scripts, branches, H]
     timesteps = [999, 500, 1]
     mods = head.modulations(cond, head.t_embedder(timesteps))
-    assert [m.shape for m in mods] == [(3, 4, 192)] * 2 + [(3, 4, 128)]
-    x2 = mx.concatenate([x, x])
+    assert [m.shape for m in mods] == [(2, 3, 2, 192)] * 2 + [(2, 3, 2, 128)]
+    x2 = mx.stack([x, x], axis=1)
     for i, t in enumerate(timesteps):
-        want = head(x2, mx.array([t] * 4), cond)
-        assert_close(f"predict step {i}", head.predict(x2, [m[i] for m in mods]), want, atol=1e-6)
+        want = head(x2.reshape(4, -1), mx.array([t] * 4), cond.reshape(4, -1)).reshape(2, 2, -1)
+        assert_close(f"predict step {i}", head.predict(x2, [m[:, i] for m in mods]), want, atol=1e-6)
 
 
 @pytest.mark.parametrize("steps", [1, 10])

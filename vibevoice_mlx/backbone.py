@@ -15,6 +15,7 @@ import numpy as np
 from mlx_lm.models import qwen2
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
+from . import invariant
 from .activations import SwiGLU
 
 # The mlx-lm parameter names the loader relies on (tests/test_backbone.py pins them).
@@ -82,6 +83,7 @@ class DecodeLinear(nn.Module):
     transposed, and the decode path is bound by exactly those reads; on BLIS the two layouts read alike (within
     10 %, either way by shape). Same products, summed in another order:
     results differ by float32 rounding only. A float32 bias beside float16 weights follows the activations.
+    `group` > 0 makes it batch-invariant (`invariant.matmul`, set by `invariant.set_group`).
     """
 
     def __init__(self, linear: nn.Linear):
@@ -89,11 +91,11 @@ class DecodeLinear(nn.Module):
         self.weight_t = _transposed(linear.weight)
         if "bias" in linear:
             self.bias = linear.bias
+        self.group = 0
 
     def __call__(self, x: mx.array) -> mx.array:
-        if "bias" in self:
-            return mx.addmm(self.bias.astype(x.dtype), x, self.weight_t)
-        return x @ self.weight_t
+        bias = self.bias.astype(x.dtype) if "bias" in self else None
+        return invariant.matmul(x, self.weight_t, self.group, bias)
 
 
 def to_decode_layout(module: nn.Module, keep: Optional[Callable[[str, nn.Linear], bool]] = None) -> int:
@@ -121,6 +123,50 @@ def to_decode_layout(module: nn.Module, keep: Optional[Callable[[str, nn.Linear]
             setattr(parent, leaf, new)
         del linear, new
     return len(paths)
+
+
+class ScriptAttention(nn.Module):
+    """mlx-lm's Qwen2 attention (same projections and rope) with one attention product per script when `group` > 0
+    (2: a script's CFG pair), over that script's own key window: its rows' keys start where its positive row's do,
+    so the left padding that longer batch-mates add never enters its sums (on BLIS and OpenBLAS a row's result
+    changes with the number of padded keys before it). What `invariant.set_group` turns on in the language model.
+    """
+
+    def __init__(self, attn: nn.Module):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        self.rope, self.scale = attn.rope, attn.scale
+        self.n_heads, self.n_kv_heads = attn.n_heads, attn.n_kv_heads
+        self.group = 0
+
+    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+        B, L, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
+        k = k.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        offset = cache.offset if cache is not None else 0
+        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        g = self.group
+        if g <= 0 or B <= g or not isinstance(cache, BatchKVCache):
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        else:
+            outs = []
+            for i, start in zip(range(0, B, g), np.array(cache.left_padding)[::g].tolist()):
+                m = mask[i:i + g, ..., start:] if isinstance(mask, mx.array) else mask
+                outs.append(mx.fast.scaled_dot_product_attention(q[i:i + g], k[i:i + g, :, start:],
+                                                                 v[i:i + g, :, start:], scale=self.scale, mask=m))
+            out = mx.concatenate(outs)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+def batch_invariant(lm: qwen2.Qwen2Model) -> None:
+    """Give every layer a `ScriptAttention`; `invariant.set_group(lm, 2)` then makes the whole model per script."""
+    for layer in lm.layers:
+        if not isinstance(layer.self_attn, ScriptAttention):
+            layer.self_attn = ScriptAttention(layer.self_attn)
 
 
 class CFGCache:

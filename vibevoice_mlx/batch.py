@@ -90,6 +90,9 @@ def summary(outcomes: Sequence[Outcome], wall: float) -> str:
 @click.option("--tokenizer", help="Tokenizer folder or repo id, when the model folder has none.")
 @click.option("--batch-size", type=click.IntRange(1),
               help=f"Scripts per forward pass (default: what memory allows, at most {MAX_BATCH}).")
+@click.option("--batch-invariant", is_flag=True,
+              help="Each job's audio equals its run alone, bit for bit on any BLAS (one product per script: "
+                   "slower with several scripts on the CPU).")
 @click.option("--shard", help="i/n: run only jobs i, i+n, i+2n, ... of the manifest (0 <= i < n).")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
               help="Run the jobs on a Ray cluster (pip install 'vibevoice-mlx[ray]'): its ADDRESS, or none for the "
@@ -109,8 +112,8 @@ def summary(outcomes: Sequence[Outcome], wall: float) -> str:
 @click.option("--force-frames", type=click.IntRange(1), hidden=True,
               help="Testing aid: N speech frames per segment, then its end (random test models never speak).")
 @click.pass_context
-def batch(ctx, manifest, out_dir, model, dtype, tokenizer, batch_size, shard, ray_address, workers, worker_cpus,
-          retries, force_frames, **defaults):
+def batch(ctx, manifest, out_dir, model, dtype, tokenizer, batch_size, batch_invariant, shard, ray_address, workers,
+          worker_cpus, retries, force_frames, **defaults):
     """Generate every job of MANIFEST (JSON Lines) into --out-dir; finished jobs are skipped, so a rerun resumes."""
     quiet = (ctx.obj or {}).get("quiet", False)
     started = time.perf_counter()
@@ -133,10 +136,10 @@ def batch(ctx, manifest, out_dir, model, dtype, tokenizer, batch_size, shard, ra
 
             source = run_on_ray(todo, out_dir, ray_address or None, workers=workers, worker_cpus=worker_cpus,
                                 retries=retries, batch_size=batch_size, model=model, dtype=dtype,
-                                tokenizer=tokenizer, force_frames=force_frames)
+                                tokenizer=tokenizer, force_frames=force_frames, batch_invariant=batch_invariant)
         else:
             source = Runner(out_dir, model, dtype=dtype, tokenizer=tokenizer, batch_size=batch_size,
-                            force_frames=force_frames).run(todo)
+                            force_frames=force_frames, batch_invariant=batch_invariant).run(todo)
         with user_errors():
             for o in source:
                 outcomes.append(o)

@@ -26,13 +26,13 @@ class BatchWorker:
     """One model per Ray actor; called with a batch of rows {"job": <Job as JSON>}."""
 
     def __init__(self, out_dir: str, model: str, dtype: Optional[str], tokenizer: Optional[str],
-                 batch_size: Optional[int], force_frames: Optional[int]):
+                 batch_size: Optional[int], force_frames: Optional[int], batch_invariant: bool = False):
         if "mlx.core" not in sys.modules:  # a Ray worker is no `vibevoice-mlx` process: set its BLAS up here
             from .blas import use_fast_blas
 
             use_fast_blas()
         self.runner = Runner(out_dir, model, dtype=dtype, tokenizer=tokenizer, batch_size=batch_size,
-                             force_frames=force_frames)
+                             force_frames=force_frames, batch_invariant=batch_invariant)
         self.runner.pipe  # noqa: B018 - load now, once per actor, not on its first batch
 
     def __call__(self, rows: Dict[str, List]) -> Dict[str, List[str]]:
@@ -49,7 +49,8 @@ def _local(path: Optional[str]) -> Optional[str]:
 
 def run_on_ray(jobs: List[Job], out_dir: Path, address: Optional[str], *, workers: Optional[int],
                worker_cpus: float, retries: int, batch_size: Optional[int], model: str, dtype: Optional[str],
-               tokenizer: Optional[str], force_frames: Optional[int]) -> Iterator[Outcome]:
+               tokenizer: Optional[str], force_frames: Optional[int], batch_invariant: bool = False
+               ) -> Iterator[Outcome]:
     """Run prepared jobs on the cluster at `address` (None: the one started here, else a new local one) and
     yield their outcomes as they come back."""
     try:
@@ -78,7 +79,7 @@ def run_on_ray(jobs: List[Job], out_dir: Path, address: Optional[str], *, worker
             BatchWorker,
             fn_constructor_kwargs=dict(out_dir=str(Path(out_dir).resolve()), model=_local(model), dtype=dtype,
                                        tokenizer=_local(tokenizer), batch_size=batch_size,
-                                       force_frames=force_frames),
+                                       force_frames=force_frames, batch_invariant=batch_invariant),
             batch_size=batch_size or MAX_BATCH,
             # one batch in flight per worker: a batch waits for a free worker rather than queueing behind one
             compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),

@@ -69,10 +69,10 @@ class Runner:
     """Loads the model once, on first use, and runs prepared jobs batch by batch into `out_dir`."""
 
     def __init__(self, out_dir, model: str, dtype: Optional[str] = None, tokenizer: Optional[str] = None,
-                 batch_size: Optional[int] = None, force_frames: Optional[int] = None):
+                 batch_size: Optional[int] = None, force_frames: Optional[int] = None, batch_invariant: bool = False):
         self.out_dir = Path(out_dir)
         self.model, self.dtype, self.tokenizer = model, dtype, tokenizer
-        self.batch_size, self.force_frames = batch_size, force_frames
+        self.batch_size, self.force_frames, self.batch_invariant = batch_size, force_frames, batch_invariant
         self._pipe = None
 
     @property
@@ -83,7 +83,7 @@ class Runner:
 
             folder = model_folder(self.model, dtype=self.dtype, tokenizer=self.tokenizer)
             self._pipe = load(folder, dtype=self.dtype, tokenizer=self.tokenizer,
-                              max_batch=self.batch_size or MAX_BATCH)
+                              max_batch=self.batch_size or MAX_BATCH, batch_invariant=self.batch_invariant)
             if self.batch_size is None:
                 self.batch_size = self._pipe.backend.max_batch = default_batch_size(self._pipe)
                 logger.info("Batch size %d (from this machine's memory; --batch-size sets it)", self.batch_size)

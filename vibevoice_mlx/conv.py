@@ -19,6 +19,8 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import invariant
+
 
 def _taps(x: mx.array, kernel_size: int, stride: int, dilation: int, n: int):
     """The k input slices [B, n, C] that tap j of a (strided, dilated) convolution reads."""
@@ -65,6 +67,7 @@ class CausalConv1d(nn.Module):
         if self.pad_left < 0:
             raise ValueError(f"kernel_size={kernel_size}, stride={stride}, dilation={dilation}: negative padding.")
         self.conv = NormConv1d(in_channels, out_channels, kernel_size, stride, dilation, groups, bias)
+        self.group = 0  # > 0: one product per script (invariant.matmul)
 
     def _conv(self, x: mx.array) -> mx.array:
         """The convolution of an already padded input ("valid" positions only)."""
@@ -75,7 +78,7 @@ class CausalConv1d(nn.Module):
         if self.groups == 1:
             # im2col: taps concatenated in (k, in) order match the weight's [out, k, in] layout.
             cols = mx.concatenate(_taps(x, k, s, d, n), axis=-1)
-            y = cols @ w.reshape(w.shape[0], -1).T
+            y = invariant.matmul(cols, w.reshape(w.shape[0], -1).T, self.group)
         elif self.groups == self.in_channels == self.out_channels:
             taps = _taps(x, k, s, d, n)
             y = taps[0] * w[:, 0, 0]
@@ -134,6 +137,7 @@ class CausalConvTranspose1d(nn.Module):
         self.stride = stride
         self.trim = kernel_size - stride
         self.convtr = NormConvTranspose1d(in_channels, out_channels, kernel_size, stride, bias)
+        self.group = 0  # > 0: one product per script (invariant.matmul)
 
     def _overlap_add(self, x: mx.array, tail=None):
         """All `L * s + trim` output samples of `x` [B, L, C_in] (no bias), with `tail` added at the start."""
@@ -141,7 +145,7 @@ class CausalConvTranspose1d(nn.Module):
         out, k, s = w.shape[0], self.kernel_size, self.stride
         b, length = x.shape[0], x.shape[1]
         # Each input step contributes k samples: [B, L, out, k] -> [B, L, k, out].
-        y = (x @ w.reshape(out * k, -1).T).reshape(b, length, out, k).transpose(0, 1, 3, 2)
+        y = invariant.matmul(x, w.reshape(out * k, -1).T, self.group).reshape(b, length, out, k).transpose(0, 1, 3, 2)
         total = length * s + self.trim
         z = None
         for j in range(k // s):

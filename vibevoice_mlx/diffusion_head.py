@@ -157,18 +157,20 @@ class DiffusionHead(nn.Module):
         return self.final_layer(h, c)
 
     def modulations(self, condition: mx.array, t_embeddings: mx.array) -> List[mx.array]:
-        """adaLN outputs of every layer for every step: condition [B, H] -> per layer [n, B, 3H] (final: 2H).
+        """adaLN outputs of every layer for every step: condition [B, R, H] (a script's R = 2 CFG branches side by
+        side) -> per layer [B, n, R, 3H] (final: 2H), so one script's rows stay together, in (step, branch) order.
 
         `t_embeddings` [n, H] are `t_embedder(timesteps)` of the schedule (a constant per step count). cond_proj
         runs once, and each adaLN weight is read once for all n steps instead of once per step.
         """
-        c = self.cond_proj(condition.astype(self.dtype))[None] + t_embeddings[:, None]
+        c = self.cond_proj(condition.astype(self.dtype))[:, None] + t_embeddings[None, :, None]
         c = silu(c)
         mods = [layer.adaLN_modulation[1](c) for layer in self.layers]
         return mods + [self.final_layer.adaLN_modulation[1](c)]
 
     def predict(self, x: mx.array, modulations: List[mx.array]) -> mx.array:
-        """One step from precomputed modulations (one [B, kH] array per layer, final last) -> v [B, latent]."""
+        """One step from precomputed modulations (one [B, R, kH] array per layer, final last) -> v [B, R, latent]
+        for x [B, R, latent]."""
         h = self.noisy_images_proj(x.astype(self.dtype))
         for layer, m in zip(self.layers, modulations):
             h = layer.modulate(h, m)

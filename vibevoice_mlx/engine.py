@@ -6,7 +6,9 @@ scripts run. A row that chose `speech_diffusion` produces a latent frame through
 3200 samples by the streaming σ-VAE decoder and fed back through the streaming semantic encoder; every row keeps
 its own stopping, negative-branch restarts and tokenizer stream state, and a script that finishes a segment is
 replaced by its next segment (or leaves the batch) without disturbing the others. A script's rows never mix with
-another's: its audio equals that script generated alone, within float32 rounding (tests/test_batch.py).
+another's, but a BLAS rounds a row by the shape of the product it is in, so its audio equals that script generated
+alone only within float32 rounding, which later frames can amplify. `batch_invariant=True` runs every product once
+per script (invariant.py, `backbone.ScriptAttention`): then it is equal bit for bit (tests/test_batch_invariance.py).
 """
 
 import logging
@@ -19,35 +21,34 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from . import backbone
+from . import backbone, invariant
 from .backend import NEXT, TRUNCATED, Event, FrameSettings, JobSource, SegmentJob
 from .errors import NumericsError
 from .models.vibevoice import Model
 from .processor import SpecialTokens
-from .scheduler import DPMSolver, sample_latent
+from .scheduler import DPMSolver, guided_step, sample_latent
 
 logger = logging.getLogger(__name__)
 
 
 class FrameStep:
-    """Everything a speech frame does after the LM step, as one function (compiled unless `compile=False`).
+    """Everything a speech frame does after the LM step (compiled unless `compile=False`), for any step count and
+    guidance scale: both are inputs of the compiled functions, not constants of a trace.
 
-    (pos_h, neg_h, noise, decoder state, semantic state) -> (latent z, audio, next input embedding, states) for
-    N rows: the CFG diffusion sampling (§6.5), the streaming σ-VAE decode and semantic re-encode (§3.3.4) and the
-    connectors (§6.3 step 7f). mx.compile fuses its hundreds of small ops; tests check it equals the eager path.
+    (pos_h, neg_h, noise, decoder state, semantic state, steps, cfg_scale) -> (latent z, audio, next input
+    embedding, states) for N rows: the CFG diffusion sampling (§6.5), the streaming σ-VAE decode and semantic
+    re-encode (§3.3.4) and the connectors (§6.3 step 7f). The sampler's loop runs in Python around one compiled
+    solver step (`scheduler.guided_step`), traced once however many steps a run takes: unrolled, a 100-step graph
+    took minutes to compile on the CPU. The decode, re-encode and connectors are fused into one compiled call.
     `profile` runs the same stages one at a time, for the stage timings of `bench`.
     """
 
-    def __init__(self, model: Model, solver: DPMSolver, steps: int, cfg_scale: float, dtype, compile: bool = True):
+    def __init__(self, model: Model, solver: DPMSolver, dtype, compile: bool = True):
         m = model.model
-        schedule = solver.schedule(steps)
-        # A constant per step count, computed once: the traced function only reads it.
-        t_emb = m.prediction_head.t_embedder(schedule.timesteps)
-        mx.eval(t_emb)
+        head = m.prediction_head
         dec, sem = m.acoustic_tokenizer.decoder, m.semantic_tokenizer.encoder
-
-        def diffuse(pos_h, neg_h, noise):
-            return sample_latent(m.prediction_head, pos_h, neg_h, noise, schedule, cfg_scale, t_embeddings=t_emb)
+        self.solver, self.head, self.dtype = solver, head, dtype
+        self._schedules: Dict[int, tuple] = {}
 
         def decode(z, dec_state):
             return dec.stream(model.unscale_latents(z)[:, None, :].astype(dtype), dec_state)
@@ -58,26 +59,44 @@ class FrameStep:
         def connect(z, s):
             return m.acoustic_connector(z[:, None, :].astype(dtype)) + m.semantic_connector(s.astype(dtype))
 
-        def step(pos_h, neg_h, noise, dec_state, sem_state):
-            z = diffuse(pos_h, neg_h, noise)
+        def finish(z, dec_state, sem_state):
             audio, dec_state = decode(z, dec_state)
             s, sem_state = encode(audio, sem_state)
-            return z, audio, connect(z, s), dec_state, sem_state
+            return audio, connect(z, s), dec_state, sem_state
 
-        self.fn = mx.compile(step) if compile else step
-        self._stages = (diffuse, decode, encode, connect)
+        def step(x, prev_x0, modulations, coefficients, cfg_scale):
+            return guided_step(head, x, prev_x0, modulations, coefficients, cfg_scale)
+
+        wrap = mx.compile if compile else (lambda f: f)
+        self._step, self._finish = wrap(step), wrap(finish)
+        self._stages = (decode, encode, connect)
         self._compile = compile
         self._profiled = None
 
-    def __call__(self, *args):
-        return self.fn(*args)
+    def schedule(self, steps: int):
+        """(schedule, its timestep embeddings): computed once per step count, then only read."""
+        if steps not in self._schedules:
+            schedule = self.solver.schedule(steps)
+            t_emb = self.head.t_embedder(schedule.timesteps)
+            mx.eval(t_emb)
+            self._schedules[steps] = (schedule, t_emb)
+        return self._schedules[steps]
 
-    def profile(self, pos_h, neg_h, noise, dec_state, sem_state):
+    def diffuse(self, pos_h, neg_h, noise, steps: int, cfg_scale: float) -> mx.array:
+        schedule, t_emb = self.schedule(steps)
+        return sample_latent(self.head, pos_h, neg_h, noise, schedule, mx.array(cfg_scale, mx.float32),
+                             t_embeddings=t_emb, step=self._step)
+
+    def __call__(self, pos_h, neg_h, noise, dec_state, sem_state, steps: int, cfg_scale: float):
+        z = self.diffuse(pos_h, neg_h, noise, steps, cfg_scale)
+        return (z, *self._finish(z, dec_state, sem_state))
+
+    def profile(self, pos_h, neg_h, noise, dec_state, sem_state, steps: int, cfg_scale: float):
         """A call's outputs, computed stage by stage (each compiled on its own, evaluated before the next starts),
         and the seconds each stage took. The barriers cost a little: a plain call is the speed a run gets."""
         if self._profiled is None:
             self._profiled = [mx.compile(f) if self._compile else f for f in self._stages]
-        diffuse, decode, encode, connect = self._profiled
+        decode, encode, connect = self._profiled
         seconds = {}
 
         def timed(name, f, *args):
@@ -87,7 +106,7 @@ class FrameStep:
             seconds[name] = time.perf_counter() - start
             return out
 
-        z = timed("diffusion head", diffuse, pos_h, neg_h, noise)
+        z = timed("diffusion head", self.diffuse, pos_h, neg_h, noise, steps, cfg_scale)
         audio, dec_state = timed("decoder", decode, z, dec_state)
         s, sem_state = timed("semantic encoder", encode, audio, sem_state)
         x = timed("connectors", connect, z, s)
@@ -138,8 +157,9 @@ class MLXBackend:
     name = "mlx"
 
     def __init__(self, model: Model, tokens: SpecialTokens, max_batch: int = 8, decode_layout: Optional[bool] = None,
-                 queue_ahead: Optional[bool] = None):
+                 queue_ahead: Optional[bool] = None, batch_invariant: bool = False):
         self.model = model
+        self.batch_invariant = batch_invariant
         self.tokens = tokens
         self.max_batch = max_batch
         # Queue the next LM step behind a frame before reading the frame's audio (default: on a GPU). On MLX's
@@ -154,13 +174,21 @@ class MLXBackend:
         if not model.config.tie_word_embeddings and "lm_head" in model:
             # Only the control tokens are ever scored: the rest of an untied head is dead weight (7B: 1.1 GB).
             del model.lm_head
-        if mx.default_device() == mx.cpu if decode_layout is None else decode_layout:
-            # The weights a frame reads, in the layout the CPU's sgemm reads fastest (backbone.DecodeLinear).
-            m = model.model
-            for part in (m.language_model, m.prediction_head, m.acoustic_tokenizer.decoder,
-                         m.semantic_tokenizer.encoder, m.acoustic_connector, m.semantic_connector):
+        m = model.model
+        parts = (m.language_model, m.prediction_head, m.acoustic_tokenizer.decoder, m.semantic_tokenizer.encoder,
+                 m.acoustic_connector, m.semantic_connector)
+        if batch_invariant or (mx.default_device() == mx.cpu if decode_layout is None else decode_layout):
+            # The weights a frame reads, in the layout the CPU's sgemm reads fastest (backbone.DecodeLinear, which
+            # also carries the per-script products of `batch_invariant`).
+            for part in parts:
                 backbone.to_decode_layout(part)
-        self._frame_steps: Dict[tuple, FrameStep] = {}  # (steps, cfg, dtype, compile): compiled once per setting
+        if batch_invariant:
+            # One product per script (invariant.py): the language model's rows come in CFG pairs, every other
+            # part's batch axis has one entry per script.
+            backbone.batch_invariant(m.language_model)
+            for part in parts:
+                invariant.set_group(part, 2 if part is m.language_model else 1)
+        self._frame_steps: Dict[tuple, FrameStep] = {}  # (dtype, compile): steps and cfg scale are its inputs
 
     @property
     def encoder_fingerprint(self) -> str:
@@ -223,12 +251,10 @@ class MLXBackend:
         """The compiled frame step for these settings; `dtype=float32` runs the frame stages on float32 copies
         (the numerical recovery of a half-precision run)."""
         dtype = dtype or self.dtype
-        key = (settings.steps, settings.cfg_scale, dtype, settings.compile)
+        key = (dtype, settings.compile)
         if key not in self._frame_steps:
             model = self.model if dtype == self.dtype else _Float32Frame(self.model)
-            self._frame_steps[key] = FrameStep(model, self.solver, settings.steps, settings.cfg_scale, dtype,
-                                               settings.compile)
-            self._frame_steps[key].dtype = dtype
+            self._frame_steps[key] = FrameStep(model, self.solver, dtype, settings.compile)
         return self._frame_steps[key]
 
     def _lm_step(self, rows: List[_Row], cache: backbone.CFGCache):
@@ -236,15 +262,16 @@ class MLXBackend:
         x = mx.concatenate([r.x for r in rows])
         h = backbone.forward(self.model.language_model, mx.repeat(x, 2, axis=0).astype(self.dtype), cache)
         pos_h, neg_h = h[0::2, -1], h[1::2, -1]
-        logits = pos_h.astype(mx.float32) @ self.head_rows.T
+        logits = invariant.matmul(pos_h.astype(mx.float32)[:, None], self.head_rows.T, int(self.batch_invariant))[:, 0]
         finite = mx.all(mx.isfinite(logits), axis=-1)
         mx.async_eval(neg_h, logits, finite)
         return pos_h, neg_h, logits, finite
 
     @staticmethod
-    def _frame(frame_step, rows, pos_h, neg_h, noise, dec_state, sem_state):
+    def _frame(frame_step, settings, rows, pos_h, neg_h, noise, dec_state, sem_state):
         """Queue the frame step -> (float32 audio [N, hop], next embeddings, states, whether `rows` are finite)."""
-        _, audio, x, new_dec, new_sem = frame_step(pos_h, neg_h, noise, dec_state, sem_state)
+        _, audio, x, new_dec, new_sem = frame_step(pos_h, neg_h, noise, dec_state, sem_state, settings.steps,
+                                                   settings.cfg_scale)
         audio = audio[..., 0].astype(mx.float32)
         finite = mx.all(mx.isfinite(x[mx.array(rows)]))
         mx.async_eval(audio, x, new_dec, new_sem, finite)
@@ -291,8 +318,8 @@ class MLXBackend:
             lm_done = time.perf_counter()
             mx.argmax(logits, axis=-1).item()
             chose = time.perf_counter()
-            (_, _, row.x, dec_state, sem_state), seconds = frame_step.profile(pos_h, neg_h, mx.array(job.noise()),
-                                                                              dec_state, sem_state)
+            (_, _, row.x, dec_state, sem_state), seconds = frame_step.profile(
+                pos_h, neg_h, mx.array(job.noise()), dec_state, sem_state, settings.steps, settings.cfg_scale)
             seconds.update({"language model": lm_done - start, "token choice": chose - lm_done})
             for name, value in seconds.items():
                 out.setdefault(name, []).append(value)
@@ -383,8 +410,8 @@ class MLXBackend:
                     keep[diffuse] = True
                     keep = mx.array(keep)[:, None, None]
                 while True:
-                    audio, xn, new_dec, new_sem, ok = self._frame(frame_step, diffuse, pos_h, neg_h, noise,
-                                                                  dec_state, sem_state)
+                    audio, xn, new_dec, new_sem, ok = self._frame(frame_step, settings, diffuse, pos_h, neg_h,
+                                                                  noise, dec_state, sem_state)
                     for k in diffuse:
                         rows[k].x = xn[k:k + 1]
                     if self.queue_ahead and not ended and not (waiting and len(rows) < self.max_batch):

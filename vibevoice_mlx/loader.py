@@ -170,6 +170,7 @@ def load(
     revision: Optional[str] = None,
     attention: str = "auto",
     max_batch: int = 8,
+    batch_invariant: bool = False,
 ) -> VibeVoice:
     """Load a VibeVoice model for generation.
 
@@ -177,6 +178,8 @@ def load(
     repo id. backend="torch" runs transformers' VibeVoice (MPS, CUDA or CPU; `device`). dtype: float16 /
     bfloat16 / float32; default float16 on a GPU, float32 on the CPU (torch: float16 on MPS, bfloat16 on CUDA).
     attention (torch backend): auto, sdpa or eager. max_batch (MLX): scripts generated together at most.
+    batch_invariant (MLX): every product runs once per script, so a script's audio in a batch equals its solo run
+    bit for bit on any BLAS (engine: invariant.py); slower for batches on the CPU, no change for one script.
     """
     _check_load_args(backend, dtype, max_batch)
     ckpt, config, tok, tokens = inspect(path_or_repo, tokenizer, revision)
@@ -195,7 +198,8 @@ def load(
     else:
         from .engine import MLXBackend
 
-        engine = MLXBackend(build_model(ckpt, config, dtype), tokens, max_batch=max_batch)
+        engine = MLXBackend(build_model(ckpt, config, dtype), tokens, max_batch=max_batch,
+                             batch_invariant=batch_invariant)
     return VibeVoice(backend=engine, tokenizer=tok, tokens=tokens, folder=ckpt.folder, config=config,
                      defaults=dict(ckpt.generation))
 

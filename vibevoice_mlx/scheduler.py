@@ -7,7 +7,8 @@ Everything here is float32 (σ₀ ≈ 2e4, so σ² overflows fp16); the initial 
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -70,15 +71,26 @@ class Schedule:
     def step(self, v: mx.array, x: mx.array, i: int, prev_x0: Optional[mx.array] = None) -> Tuple[mx.array, mx.array]:
         """Step i: model output v at x (both float32) -> (next x, this step's x0 for the next call)."""
         c = self.plan[i]
-        x0 = c.alpha * x - c.sigma * v
-        if c.order == 0:
-            return x0, x0
-        if c.order == 1:
-            return c.ratio * x - c.phi * x0, x0
-        if prev_x0 is None:
+        if c.order == 2 and prev_x0 is None:
             raise ValueError(f"step {i} of {len(self)} is second order and needs the previous step's x0")
-        d1 = c.inv_r * (x0 - prev_x0)
-        return c.ratio * x - c.phi * x0 - (0.5 * c.phi) * d1, x0
+        return solver_step(v, x, prev_x0, (c.alpha, c.sigma, c.ratio, c.phi, c.inv_r))
+
+    def coefficients(self) -> mx.array:
+        """float32 [n, 5]: each step's (alpha, sigma, ratio, phi, inv_r), the input of `solver_step`."""
+        return mx.array(np.array([(c.alpha, c.sigma, c.ratio, c.phi, c.inv_r) for c in self.plan], np.float32))
+
+
+def solver_step(v: mx.array, x: mx.array, prev_x0: Optional[mx.array], coefficients) -> Tuple[mx.array, mx.array]:
+    """One DPM-Solver++ 2M step -> (next x, x0), with the step's constants (`Schedule.coefficients`, a row or a
+    tuple) as values, so one traced step serves every step of every step count. The orders need no branch: a
+    first-order step has inv_r = 0 (its history term vanishes), the last one ratio = 0 and phi = -1 (it gives x0).
+    """
+    alpha, sigma, ratio, phi, inv_r = (coefficients[k] for k in range(5))
+    x0 = alpha * x - sigma * v
+    if prev_x0 is None:  # first order: no history term
+        return ratio * x - phi * x0, x0
+    d1 = inv_r * (x0 - prev_x0)
+    return ratio * x - phi * x0 - (0.5 * phi) * d1, x0
 
 
 class DPMSolver:
@@ -138,33 +150,48 @@ class DPMSolver:
         return Schedule(tuple(self.timesteps(n)), tuple(plan))
 
 
+def guided_step(head: DiffusionHead, x: mx.array, prev_x0: mx.array, modulations: List[mx.array], coefficients,
+                cfg_scale) -> Tuple[mx.array, mx.array]:
+    """One step of `sample_latent` -> (next x, x0): the head on both CFG branches of x [N, latent] (from their
+    precomputed modulations, [N, 2, kH] each), the guidance and the solver step. `cfg_scale` and the step's
+    `coefficients` are values, not constants of a trace. `prev_x0` of the first step may be anything finite."""
+    v2 = head.predict(mx.stack([x, x], axis=1), modulations).astype(mx.float32)
+    v = v2[:, 1] + cfg_scale * (v2[:, 0] - v2[:, 1])
+    return solver_step(v, x, prev_x0, coefficients)
+
+
 def sample_latent(head: DiffusionHead, pos_cond: mx.array, neg_cond: mx.array, noise: mx.array,
-                  schedule: Schedule, cfg_scale: float, fast: bool = True,
-                  t_embeddings: Optional[mx.array] = None) -> mx.array:
+                  schedule: Schedule, cfg_scale, fast: bool = True, t_embeddings: Optional[mx.array] = None,
+                  step: Optional[Callable] = None) -> mx.array:
     """Denoise one latent frame with classifier-free guidance (architecture.md §6.5).
 
     pos_cond / neg_cond [N, H]: LM hidden states of the positive and negative branch; noise [N, latent]: the
-    initial latent. Each step runs the head once on the batch of 2N ([x; x] under [pos; neg]) and integrates
-    v = v_neg + cfg_scale (v_pos - v_neg). Returns the normalized latent z, float32 [N, latent].
+    initial latent. Each step runs the head once on each script's two rows ([x; x] under [pos; neg], side by side)
+    and integrates v = v_neg + cfg_scale (v_pos - v_neg). Returns the normalized latent z, float32 [N, latent].
 
     `fast=True` precomputes every step's adaLN modulations in one pass (§9.3-3), so each step runs only the FFNs
     and the final linear; `fast=False` calls the head as the reference does. Both give the same result.
-    `t_embeddings` ([n, H], `head.t_embedder(schedule.timesteps)`) may be passed in, computed once per schedule.
+    `t_embeddings` ([n, H], `head.t_embedder(schedule.timesteps)`) may be passed in, computed once per schedule;
+    `step(x, prev_x0, modulations, coefficients, cfg_scale)` (default: `guided_step` of `head`) may be compiled
+    (the engine's frame step does): one trace then serves every step count and guidance scale.
     """
     n = pos_cond.shape[0]
-    cond = mx.concatenate([pos_cond, neg_cond], axis=0)
+    cond = mx.stack([pos_cond, neg_cond], axis=1)  # [N, 2, H]: a script's branches side by side
     x = noise.astype(mx.float32)
     if fast:
         t_emb = head.t_embedder(schedule.timesteps) if t_embeddings is None else t_embeddings
         mods = head.modulations(cond, t_emb)
+        coefficients = schedule.coefficients()
+        step = step or partial(guided_step, head)
+        x0 = x
+        for i in range(len(schedule)):
+            x, x0 = step(x, x0, [m[:, i] for m in mods], coefficients[i], cfg_scale)
+        return x
     x0 = None
     for i, t in enumerate(schedule.timesteps):
-        x2 = mx.concatenate([x, x], axis=0)
-        if fast:
-            v2 = head.predict(x2, [m[i] for m in mods])
-        else:
-            v2 = head(x2, mx.full((2 * n,), t, dtype=mx.float32), cond)
-        v2 = v2.astype(mx.float32)
-        v = v2[n:] + cfg_scale * (v2[:n] - v2[n:])
+        x2 = mx.stack([x, x], axis=1).reshape(2 * n, -1)
+        v2 = head(x2, mx.full((2 * n,), t, dtype=mx.float32), cond.reshape(2 * n, -1))
+        v2 = v2.astype(mx.float32).reshape(n, 2, -1)
+        v = v2[:, 1] + cfg_scale * (v2[:, 0] - v2[:, 1])
         x, x0 = schedule.step(v, x, i, x0)
     return x

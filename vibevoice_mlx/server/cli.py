@@ -70,6 +70,8 @@ def model_id(model: str) -> str:
               help="Requests that may wait; beyond, 503 with Retry-After.")
 @click.option("--max-batch", default=4, show_default=True, type=click.IntRange(1),
               help="Requests in progress at once; those that arrive together share one batch.")
+@click.option("--batch-invariant", is_flag=True,
+              help="A request's audio equals its run alone, bit for bit on any BLAS (slower batches on the CPU).")
 @click.option("--max-input-chars", default=4096, show_default=True, type=click.IntRange(1),
               help="Longest 'input' accepted (OpenAI's limit by default).")
 @click.option("--max-upload-mb", default=20.0, show_default=True, type=click.FloatRange(0, min_open=True),
@@ -85,8 +87,8 @@ def model_id(model: str) -> str:
               help="Testing aid: always generate speech frames (for random test models).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
-def serve(model, host, port, voices_dir, api_key, max_queue, max_batch, max_input_chars, max_upload_mb,
-          max_voice_seconds, dtype, tokenizer, grace, force_frames, log_level):
+def serve(model, host, port, voices_dir, api_key, max_queue, max_batch, batch_invariant, max_input_chars,
+          max_upload_mb, max_voice_seconds, dtype, tokenizer, grace, force_frames, log_level):
     """Serve the OpenAI speech API (POST /v1/audio/speech), saved voices and a playground page at /."""
     try:
         import fastapi  # noqa: F401
@@ -110,7 +112,8 @@ def serve(model, host, port, voices_dir, api_key, max_queue, max_batch, max_inpu
         VoiceStore(voices_dir)
     sock = listen_socket(host, port)
     port = sock.getsockname()[1]  # the one the system chose for --port 0
-    worker = Worker(lambda: vv.load(model, backend="mlx", dtype=dtype, tokenizer=tokenizer),
+    worker = Worker(lambda: vv.load(model, backend="mlx", dtype=dtype, tokenizer=tokenizer,
+                                    batch_invariant=batch_invariant),
                     max_queue=max_queue, max_batch=max_batch, sampler=force_frames_sampler(force_frames))
     try:
         worker.start()
