@@ -126,13 +126,13 @@ def test_a_batch_equals_its_solo_runs(model, voice, golden):
     for name in runs:
         b = Batch(model, cfg_scale=1.5, steps=5)
         b.add(row(name), voice)
-        solo[name] = np.concatenate([np.array(a) for _ in iter(lambda: b.rows, []) for _, a in b.step()])
+        solo[name] = np.concatenate([np.array(a) for _ in iter(lambda: b.active, False) for _, a in b.step()])
     b, rows = Batch(model, cfg_scale=1.5, steps=5), {}
     for name in runs:
         rows[name] = row(name)
         b.add(rows[name], voice)
     got = {name: [] for name in runs}
-    while b.rows:
+    while b.active:
         for r, a in b.step():
             got[next(n for n in rows if rows[n] is r)].append(np.array(a))
     for name in runs:

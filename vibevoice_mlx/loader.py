@@ -189,8 +189,13 @@ def load(
         if backend == "torch":
             raise LoadError(f"{ckpt.folder} is VibeVoice-Realtime-0.5B, which has no PyTorch implementation to run "
                             "(transformers has none yet): use the MLX backend (drop --backend torch).")
-        return RealtimePipeline(build_model(ckpt, config, dtype), tok, ckpt.folder, config,
-                                max_batch=max_batch, generation=dict(ckpt.generation))
+        model = build_model(ckpt, config, dtype)
+        if batch_invariant:
+            from .windows import invariant_model
+
+            invariant_model(model)
+        return RealtimePipeline(model, tok, ckpt.folder, config, max_batch=max_batch,
+                                generation=dict(ckpt.generation))
     if backend == "torch":
         from .torch_engine import TorchBackend
 
