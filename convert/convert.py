@@ -3,7 +3,8 @@ self-contained MLX folder.
 
 This is the loader (read, rename with the one key table, the family's `sanitize`, strict check) plus cast, quantize
 and save. `models.family` picks the model class and config; the realtime release needs no renaming (its names are
-the model's) and has no control tokens to record. Tensors stream through one at a time, so converting needs about one output shard of memory, not the model.
+the model's) and has no control tokens to record. Tensors stream through one at a time, so converting needs
+about one output shard of memory, not the model.
 The folder is built beside the target and renamed into place at the end: it appears complete or not at all.
 """
 
@@ -483,8 +484,8 @@ def _model_card(config: Dict, name: str) -> str:
                 f"{config['tts_backbone_num_hidden_layers']} TTS layers)")
         kept = "the latent scaling factors and the decoder's layer scales"
         dropped = "".join(f" `{k}` is left out, {why}." for k, why in c.get("dropped_tensors", {}).items())
-        use = f"""Voices are presets (no voice cloning): {', '.join(f'`{n}`' for n in PRESET_NAMES)}; `vibevoice-mlx voices`
-lists them.
+        names = ", ".join(f"`{n}`" for n in PRESET_NAMES)
+        use = f"""Voices are presets (no voice cloning): {names}; `vibevoice-mlx voices` lists them.
 
 ```python
 import vibevoice_mlx as vv
