@@ -147,7 +147,7 @@ def convert(
 
     if stats.subnormal:
         logger.info(stats.summary())
-    q = f", {q_bits}-bit LM (group {q_group_size})" if quantize else ""
+    q = f", {q_bits}-bit LM{'s' if is_realtime else ''} (group {q_group_size})" if quantize else ""
     logger.info("Converted %s parameters (%.2f GB, %s%s) in %.2f s to %s", f"{n_params:,}", n_bytes / 1e9, dtype, q,
                 time.perf_counter() - start, target)
     if upload_repo:

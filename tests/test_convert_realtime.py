@@ -84,11 +84,15 @@ def test_the_folder_holds_every_model_tensor_and_the_unused_one_is_recorded(fold
     assert UNUSED_KEYS[0] in card
 
 
-def test_the_folder_loads_as_the_realtime_family(folders):
-    ckpt, _, _, tokens = inspect(folders["float32"])
+def test_the_folder_loads_as_the_realtime_family(folders, capfd, caplog):
+    ckpt, _, tok, tokens = inspect(folders["float32"])
     assert (ckpt.layout, ckpt.family, tokens) == ("mlx", "realtime", None)
+    assert tok("hello world").input_ids == [256, 257, 78, 262, 260, 75, 67]  # the bundled tiny Qwen tokenizer
     pipe = vv.load(folders["float32"], dtype="float32")
     assert isinstance(pipe, RealtimePipeline) and pipe.defaults == {"steps": 5, "cfg_scale": 1.5}
+    # transformers knows no vibevoice_streaming config: loading the tokenizer beside it says nothing about that.
+    said = capfd.readouterr().err + caplog.text
+    assert "vibevoice_streaming" not in said, said
 
 
 def test_float16_keeps_the_policy_tensors_float32(folders):
