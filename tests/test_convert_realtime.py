@@ -259,3 +259,41 @@ def test_a_hub_repo_is_converted_once_per_revision_into_the_cache(tmp_path, monk
     (root / "refs" / "main").write_text(new)
     second = model_folder(repo, dtype="float32")
     assert second != first and Path(second).name.endswith(f"--{new[:12]}--float32") and len(conversions) == 2
+
+
+# --- the release's 605 tensors --------------------------------------------------------------------------------
+
+
+def _release_config() -> dict:
+    """The tiny config scaled to the release's sizes (realtime.md §1: hidden 896, 24 layers of which 20 TTS, ...)."""
+    raw = json.loads((SOURCE / "config.json").read_text())
+    raw["decoder_config"].update(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                                 num_key_value_heads=2, vocab_size=151936, max_window_layers=24)
+    raw["acoustic_tokenizer_config"].update(vae_dim=64, encoder_n_filters=32, decoder_n_filters=32,
+                                            encoder_depths="3-3-3-3-3-3-8")
+    raw["diffusion_head_config"].update(hidden_size=896, head_layers=4, head_ffn_ratio=3.0, latent_size=64,
+                                        speech_vae_dim=64)
+    raw.update(tts_backbone_num_hidden_layers=20, acoustic_vae_dim=64)
+    return raw
+
+
+def test_the_released_605_tensors_are_exactly_what_convert_checks():
+    """The released key table (tests/data/realtime_tiny/weight-keys-realtime-0.5b.tsv.gz) as lazy zeros through
+    convert's own model, sanitize and strict check: all 605 accepted, the unused one dropped, nothing missing.
+    Lazy arrays: nothing of the 2 GB is allocated."""
+    import gzip
+
+    from vibevoice_mlx.checkpoint import REALTIME, check_weights
+    from vibevoice_mlx.convert.convert import _family_model
+
+    with gzip.open(REALTIME_TINY / "weight-keys-realtime-0.5b.tsv.gz", "rt") as f:
+        rows = [ln.rstrip("\n").split("\t") for ln in f if not ln.startswith(("#", "original_key"))]
+    table = {key: mx.zeros(json.loads(shape), dtype=mx.bfloat16) for key, _, shape, _ in rows}
+    assert len(table) == 605
+    _, model = _family_model(_release_config(), REALTIME, TOKENIZER)
+    weights = model.sanitize(table, REALTIME)
+    assert set(table) - set(weights) == set(UNUSED_KEYS)
+    check_weights(model, weights)  # every one of the model's tensors, with its shape; nothing extra
+    # The release's dims take -q's default group size (64) in both language models.
+    linears = [m for p, m in model.named_modules() if model.quant_predicate(p, m)]
+    assert len(linears) == 24 * 7 and all(m.weight.shape[-1] % 64 == 0 for m in linears)
