@@ -28,7 +28,7 @@ from ..checkpoint import REALTIME, check_weights, detect_layout, load_config, no
 from ..constants import COMFYUI_MODEL_FOLDER, DEFAULT_CFG_SCALE, DEFAULT_STEPS, DTYPE_NAMES, GENERATION_CONFIG, mlx_dtype
 from ..errors import UserError, exists_message
 from ..keys import to_original
-from ..models import realtime
+from ..models import REALTIME as REALTIME_FAMILY, family, realtime
 from ..models.vibevoice import Model, ModelConfig
 from ..output import DiskFullError, writing
 from ..preset_store import DEFAULT_PRESET, PRESET_NAMES
@@ -86,13 +86,14 @@ def convert(
 
     raw_config = load_config(source)
     layout = detect_layout(raw_config)  # refuses a model_type of no known family in one line
-    is_realtime = layout == REALTIME
+    is_realtime = family(raw_config) == REALTIME_FAMILY
     tok_folder = _tokenizer_folder(source, tokenizer)  # before the slow part: a missing tokenizer fails fast
     config, mlx_model = _family_model(raw_config, layout, tok_folder)  # lazy parameters: shapes only
 
     if is_realtime:
         _check_realtime_source(model, source)
         stored = read_checkpoint(source)
+        _refuse_encoder(model, stored)
         dropped = sorted(set(stored) & set(realtime.UNUSED_KEYS))  # in the release, never read: left out on purpose
     else:
         stored, dropped = _rename(read_checkpoint(source, allow_pickle), layout), []
@@ -227,7 +228,7 @@ def _family_model(raw_config: Dict, layout: str, tok_folder: Path) -> Tuple[Dict
     """The config to write and the (lazy) model of the checkpoint's family: the 1.5B/7B config is normalized and
     given the tokenizer's control-token ids; the realtime one is kept as it is (its model reads the original
     fields) and needs only a tokenizer that loads."""
-    if layout == REALTIME:
+    if family(raw_config) == REALTIME_FAMILY:
         config = {k: v for k, v in raw_config.items() if k not in ("quantization", "conversion")}
         _open_tokenizer(tok_folder)
         return config, realtime.RealtimeModel(realtime.RealtimeConfig.from_dict(config))
@@ -237,23 +238,21 @@ def _family_model(raw_config: Dict, layout: str, tok_folder: Path) -> Tuple[Dict
 
 
 def _check_realtime_source(model: str, source: Path) -> None:
-    """The realtime release is one model.safetensors: .pt files beside it are voice presets, never weights, and an
-    acoustic encoder means some other checkpoint (the release has none)."""
+    """The realtime release is one model.safetensors: .pt files beside it are voice presets, never weights."""
     if not list(source.glob("*.safetensors")):
         raise ConversionError(
             f"{model}: no *.safetensors weights in {source}. VibeVoice-Realtime-0.5B is released as "
             "model.safetensors (its .pt files are voice presets for `vibevoice-mlx voices`, not weights): "
             "download the model's model.safetensors.")
-    from safetensors import safe_open
 
-    for f in sorted(source.glob("*.safetensors")):
-        with safe_open(str(f), framework="numpy") as st:
-            encoder = next((k for k in st.keys() if k.startswith("model.acoustic_tokenizer.encoder.")), None)
-        if encoder:
-            raise ConversionError(
-                f"{model}: {f.name} holds {encoder}, an acoustic encoder tensor; VibeVoice-Realtime-0.5B has no "
-                "encoder (voices are presets), so this is not the realtime release: convert the released "
-                "model.safetensors.")
+
+def _refuse_encoder(model: str, weights: Dict[str, mx.array]) -> None:
+    """An acoustic encoder means some other checkpoint: the realtime release has none (voices are presets)."""
+    encoder = next((k for k in sorted(weights) if k.startswith("model.acoustic_tokenizer.encoder.")), None)
+    if encoder:
+        raise ConversionError(f"{model}: {encoder} is an acoustic encoder tensor; VibeVoice-Realtime-0.5B has no "
+                              "encoder (voices are presets), so this is not the realtime release: convert the "
+                              "released model.safetensors.")
 
 
 def _rename(weights: Dict[str, mx.array], layout: str) -> Dict[str, mx.array]:
