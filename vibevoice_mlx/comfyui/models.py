@@ -313,12 +313,14 @@ class ModelCache:
 
     def _unload(self) -> bool:
         loaded = self.pipe is not None
+        before = _active_memory() if loaded else 0
         self.pipe = self.key = None
         if loaded:
             import vibevoice_mlx as vv
 
             vv.free_memory()
-            logger.info("Released the VibeVoice model")
+            logger.info("Released the VibeVoice model (MLX memory in use: %.1f -> %.1f MB)", before / 2**20,
+                        _active_memory() / 2**20)
         return loaded
 
 
