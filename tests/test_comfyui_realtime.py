@@ -16,7 +16,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from test_comfyui import check_audio, fake_comfy, forced, make_root, nodes, in_comfyui  # noqa: F401 (fixtures)
+from test_comfyui import KW, check_audio, comfy_tiny, fake_comfy, forced, in_comfyui, make_root, nodes, \
+    tiny_root  # noqa: F401 (fixtures)
 from vibevoice_mlx.comfyui import models
 from vibevoice_mlx.comfyui.models import MODELS
 from vibevoice_mlx.testing import REALTIME_TINY
@@ -276,4 +277,14 @@ def test_our_own_release_leaves_no_entry_behind(nodes, rt_root, monkeypatch):
     assert MODELS.pipe is None and mm.current_loaded_models == []
     node.generate_speech("Hi.", "rt-tiny", "tiny-voice", eos_rule=stops_after(1), **ARGS)
     (out,) = nodes["VibeVoiceFreeMemoryNode"].free_vibevoice_memory({"waveform": None, "sample_rate": 24000})
+    assert MODELS.pipe is None and mm.current_loaded_models == []
+
+
+@pytest.mark.needs_torch
+def test_unload_models_releases_a_kept_1_5b_pipeline_too(nodes, comfy_tiny, monkeypatch):  # noqa: F811
+    mm = fake_model_management(monkeypatch)
+    nodes["VibeVoiceSingleSpeakerNode"].generate_speech("Hi.", "vv-tiny", free_memory_after_generate=False,
+                                                         sampler=forced(1), **KW)
+    assert MODELS.pipe is not None and len(mm.current_loaded_models) == 1
+    mm.unload_all_models()
     assert MODELS.pipe is None and mm.current_loaded_models == []
