@@ -16,9 +16,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from test_comfyui import KW, check_audio, comfy_tiny, fake_comfy, forced, in_comfyui, make_root, nodes, \
-    tiny_root  # noqa: F401 (fixtures)
-from vibevoice_mlx.comfyui import models
+from test_comfyui import (KW, check_audio, comfy_tiny, fake_comfy, forced, in_comfyui, make_root,  # noqa: F401
+                          nodes, tiny_root)  # the fixtures are used by name
 from vibevoice_mlx.comfyui.models import MODELS
 from vibevoice_mlx.testing import REALTIME_TINY
 
