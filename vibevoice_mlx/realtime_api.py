@@ -87,7 +87,8 @@ def load(folder: Path, dtype: Optional[Union[str, mx.Dtype]] = None,
 def stream_generate(pipe: RealtimePipeline, text, voice, config=None, noise=None,
                     eos_rule=None, key: Optional[mx.array] = None) -> Iterator:
     """Speak `text` (a string, or an iterable of text pieces as they arrive) in the preset `voice`; yields a
-    `GenerationResponse` per frame, the last one `finished`. `noise` and `eos_rule` are the test hooks."""
+    `GenerationResponse` per frame as soon as it is decoded, then an empty one flagged `finished`. `noise` and
+    `eos_rule` are the test hooks."""
     from .generation import GenerationConfig, GenerationResponse, NoiseSource, _peak_gb
     from .preset_store import load_voice_preset
     from .presets import PresetShape
@@ -104,16 +105,16 @@ def stream_generate(pipe: RealtimePipeline, text, voice, config=None, noise=None
     if config.max_seconds is not None:
         max_frames = max(1, int(config.max_seconds * pipe.sample_rate // pipe.hop_length))
     start, frames = time.perf_counter(), 0
-    last = None
-    for audio in windows(session, ids, lambda f: source()[0], eos_rule or default_eos_rule, max_frames):
-        audio = np.asarray(audio)
-        frames += 1
+
+    def response(audio, **flags):
         elapsed = time.perf_counter() - start
         seconds = frames * pipe.hop_length / pipe.sample_rate
-        if last is not None:
-            yield last
-        last = GenerationResponse(audio, pipe.sample_rate, None, frames, seconds, elapsed, frames / elapsed,
-                                  seconds / elapsed, _peak_gb())
-    if last is not None:
-        last.finished = True
-        yield last
+        return GenerationResponse(audio, pipe.sample_rate, None, frames, seconds, elapsed, frames / elapsed,
+                                  seconds / elapsed, _peak_gb(), **flags)
+
+    # Each frame goes out as soon as it is decoded (holding one back to flag the last would delay all audio by a
+    # frame); the end is an empty `finished` response, as for the 1.5B.
+    for audio in windows(session, ids, lambda f: source()[0], eos_rule or default_eos_rule, max_frames):
+        frames += 1
+        yield response(np.asarray(audio))
+    yield response(np.zeros(0, np.float32), finished=True)
