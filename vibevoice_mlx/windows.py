@@ -66,13 +66,20 @@ class Session:
 
     def frame(self, noise: mx.array):
         """Sample, decode and return frame audio [hop] float32 and its latent z [1, latent] (§4.4 steps 1-3)."""
-        m = self.model.model
-        z = sample_latent(m.prediction_head, self.h_pos, self.h_neg, noise.reshape(1, -1), self.schedule,
-                          self.cfg_scale)
-        audio, self.decoder_state = m.acoustic_tokenizer.decoder.stream(
+        z = self.sample(noise)
+        return self.decode(z), z
+
+    def sample(self, noise: mx.array) -> mx.array:
+        """The diffusion head's latent z [1, latent] for the current conditions (§4.4 steps 1-2)."""
+        return sample_latent(self.model.model.prediction_head, self.h_pos, self.h_neg, noise.reshape(1, -1),
+                             self.schedule, self.cfg_scale)
+
+    def decode(self, z: mx.array) -> mx.array:
+        """The streaming decoder's audio [hop] float32 for latent z (§4.4 step 3); counts the frame."""
+        audio, self.decoder_state = self.model.model.acoustic_tokenizer.decoder.stream(
             self.model.unscale_latents(z)[:, None], self.decoder_state)
         self.frames += 1
-        return audio.reshape(-1).astype(mx.float32), z
+        return audio.reshape(-1).astype(mx.float32)
 
     def feed(self, z: mx.array) -> mx.array:
         """Feed frame z back to both TTS LM branches (type 0); returns the EOS probability of the new h⁺ (§4.4
