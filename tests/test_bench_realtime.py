@@ -118,6 +118,23 @@ def test_a_realtime_model_without_a_voice_is_refused_before_anything_is_measured
     assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1 and "--voice" in r.output, r.output
 
 
+def test_options_of_the_other_family_are_one_line_errors(rt_voice, monkeypatch):
+    def measured():
+        raise AssertionError("the bandwidth was measured before the options were checked")
+
+    monkeypatch.setattr(bench_report, "read_bandwidth", measured)
+    base = ["bench", "--model", str(DATA / "model"), "--tokenizer", str(DATA / "tokenizer"), "--voice", str(rt_voice)]
+    for extra, flag in ((["--compare", "torch"], "--compare torch"), (["--batch", "1,2"], "--batch"),
+                        (["--backends", "torch"], "--backends")):
+        r = CliRunner().invoke(main, base + extra)
+        assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1 and flag in r.output, r.output
+
+
+def test_a_voice_preset_for_a_1_5b_model_is_refused(tiny, rt_voice):
+    r = CliRunner().invoke(main, ["bench", "--model", str(tiny["original"]), "--voice", str(rt_voice)])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1 and "--voice" in r.output, r.output
+
+
 # --- the floor (realtime.md §7.1, §7.2) -------------------------------------------------------------------------
 
 

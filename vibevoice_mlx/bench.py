@@ -333,8 +333,15 @@ def run_bench(model=None, random_size: Optional[str] = None, tokenizer=None, bac
         folders = bench_realtime.random_weights()
         model, tokenizer, voice = folders["model"], tokenizer or folders["tokenizer"], voice or folders["voice"]
     if model is not None and bench_realtime.is_realtime(_resolve(model)):
+        unsupported = [flag for flag, given in (("--compare torch", "torch" in compare), ("--batch", batch),
+                                                ("--backends other than mlx", list(backends) != ["mlx"])) if given]
+        if unsupported:
+            raise UserError(f"{', '.join(unsupported)}: not for a realtime model (transformers has no "
+                            "VibeVoice-Realtime, and its loop speaks one text at a time); drop them.")
         return bench_realtime.run(_resolve(model), voice, tokenizer, random_size, compare, peer_python, dtype, q_bits,
                                   s, echo)
+    if voice is not None:
+        raise UserError("--voice takes a realtime model's preset; 1.5B/7B voices come from --voice-seconds here.")
     s = s.with_defaults(DEFAULT_STEPS, DEFAULT_CFG_SCALE, DEFAULT_SCRIPT)
     if random_size:
         folders = random_weights(random_size)
