@@ -338,8 +338,8 @@ def run_bench(model=None, random_size: Optional[str] = None, tokenizer=None, bac
         if unsupported:
             raise UserError(f"{', '.join(unsupported)}: not for a realtime model (transformers has no "
                             "VibeVoice-Realtime, and its loop speaks one text at a time); drop them.")
-        return bench_realtime.run(_resolve(model), voice, tokenizer, random_size, compare, peer_python, dtype, q_bits,
-                                  s, echo)
+        return bench_realtime.run(_resolve(model), s, voice, tokenizer, random_size, compare, peer_python, dtype,
+                                  q_bits, echo)
     if voice is not None:
         raise UserError("--voice takes a realtime model's preset; 1.5B/7B voices come from --voice-seconds here.")
     s = s.with_defaults(DEFAULT_STEPS, DEFAULT_CFG_SCALE, DEFAULT_SCRIPT)

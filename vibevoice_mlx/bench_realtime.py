@@ -264,10 +264,11 @@ def variants(dtype: Optional[str], q_bits: Sequence[int]) -> List[Variant]:
     return [Variant(base)] + [Variant(base, b) for b in q_bits]
 
 
-def run(folder, voice=None, tokenizer=None, random_size: Optional[str] = None, compare: Sequence[str] = (),
-        peer_python: Optional[str] = None, dtype: Optional[str] = None, q_bits: Sequence[int] = (), settings=None,
+def run(folder, settings, voice=None, tokenizer=None, random_size: Optional[str] = None, compare: Sequence[str] = (),
+        peer_python: Optional[str] = None, dtype: Optional[str] = None, q_bits: Sequence[int] = (),
         echo=lambda doc, part: None) -> Dict:
-    """Everything `bench` measures for a realtime model, as one document; `echo(doc, part)` as parts finish."""
+    """Everything `bench` measures for a realtime model, as one document; `echo(doc, part)` as parts finish.
+    `settings` is a `bench.BenchSettings`; the realtime defaults fill what it leaves open."""
     from .bench_peers import run_peer
     from .blas import describe
 
@@ -296,7 +297,7 @@ def run(folder, voice=None, tokenizer=None, random_size: Optional[str] = None, c
         doc["systems"].append(dict(r, label=peer))
         echo(doc, "system")
     doc["targets"] = targets(doc["systems"])
-    doc["apple_prediction"] = apple_prediction(doc["systems"], s.steps)
+    doc["apple_prediction"] = apple_prediction(doc["systems"])
     echo(doc, "end")
     return doc
 
@@ -321,7 +322,7 @@ def targets(systems: List[Dict]) -> Dict[str, Dict]:
     return out
 
 
-def apple_prediction(systems: List[Dict], steps: int) -> List[Dict]:
+def apple_prediction(systems: List[Dict]) -> List[Dict]:
     """Per frame and x real time at each Apple chip's bandwidth, from the float16 and 8-bit floors (weights read
     once per use; an upper bound on speed, not a measurement)."""
     from .models.realtime import SPEECH_WINDOW
