@@ -130,7 +130,8 @@ def test_realtime_node_progress_and_interrupt(nodes, rt_root, monkeypatch):
 
     with pytest.raises(interrupted):
         node.generate_speech("Hello there.", "rt-tiny", "tiny-voice", eos_rule=never, **ARGS)
-    assert len(frames) == 3  # the third frame's check raised, and no frame ran after it
+    # the third frame's check raised: its stop decision (taken at the start of the next step) and no later frame ran
+    assert frames == [0, 1]
     assert [u[0] for u in log["bars"][0].updates] == [1, 2]
 
 

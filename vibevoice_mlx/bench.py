@@ -25,17 +25,17 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from . import bench_realtime, generation
 from . import bench_report as report
-from . import generation
 from .bench_peers import peak_rss_gb, reset_peak_rss, synthetic_voice
 from .backend import FrameSettings, greedy
-from .constants import SAMPLE_RATE
+from .constants import DEFAULT_CFG_SCALE, DEFAULT_STEPS, SAMPLE_RATE
 from .errors import UserError
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SCRIPT = "Speaker 0: Hello there."
-RANDOM_SIZES = ("1.5b", "7b")
+RANDOM_SIZES = ("1.5b", "7b")  # and bench_realtime.RANDOM_SIZE
 
 
 @dataclass
@@ -45,12 +45,17 @@ class BenchSettings:
     frames: int = 16
     runs: int = 2
     warmup: int = 1  # frames not timed at the start of each run (after the untimed warm-up run)
-    steps: int = 10
-    cfg_scale: float = 1.3
+    steps: Optional[int] = None  # None: the family's default (10 for 1.5B/7B; 5 for realtime, bench_realtime)
+    cfg_scale: Optional[float] = None  # None: 1.3 (1.5 for realtime)
     voice_seconds: float = 3.0
-    script: str = DEFAULT_SCRIPT
+    script: Optional[str] = None  # None: DEFAULT_SCRIPT (realtime: bench_realtime.DEFAULT_TEXT)
     force_frames: bool = False
     profile_frames: int = 6  # frames of the instrumented stage pass (0: none)
+
+    def with_defaults(self, steps: int, cfg_scale: float, script: str) -> "BenchSettings":
+        """These settings with a model family's defaults where they were left open."""
+        return replace(self, steps=self.steps or steps, script=self.script or script,
+                       cfg_scale=cfg_scale if self.cfg_scale is None else self.cfg_scale)
 
 
 @dataclass
@@ -316,22 +321,36 @@ def to_json(doc: Dict) -> str:
 def run_bench(model=None, random_size: Optional[str] = None, tokenizer=None, backends: Sequence[str] = ("mlx",),
               compare: Sequence[str] = (), torch_model=None, peer_python: Optional[str] = None,
               dtype: Optional[str] = None, q_bits: Sequence[int] = (), batch: Sequence[int] = (),
-              settings: Optional[BenchSettings] = None, echo=lambda doc, part: None) -> Dict:
-    """Everything `vibevoice-mlx bench` measures, as one document; `echo(doc, part)` is called as parts finish."""
+              settings: Optional[BenchSettings] = None, echo=lambda doc, part: None, voice=None) -> Dict:
+    """Everything `vibevoice-mlx bench` measures, as one document; `echo(doc, part)` is called as parts finish.
+    A realtime model (`config.json` `model_type` `vibevoice_streaming`) is measured by `bench_realtime.run`, with
+    the preset `voice`."""
     from .bench_peers import run_peer
     from .blas import describe
 
     s = settings or BenchSettings()
+    if random_size == bench_realtime.RANDOM_SIZE:
+        folders = bench_realtime.random_weights()
+        model, tokenizer, voice = folders["model"], tokenizer or folders["tokenizer"], voice or folders["voice"]
+    if model is not None and bench_realtime.is_realtime(_resolve(model)):
+        unsupported = [flag for flag, given in (("--compare torch", "torch" in compare), ("--batch", batch),
+                                                ("--backends other than mlx", list(backends) != ["mlx"])) if given]
+        if unsupported:
+            raise UserError(f"{', '.join(unsupported)}: not for a realtime model (transformers has no "
+                            "VibeVoice-Realtime, and its loop speaks one text at a time); drop them.")
+        return bench_realtime.run(_resolve(model), s, voice, tokenizer, random_size, compare, peer_python, dtype,
+                                  q_bits, echo)
+    if voice is not None:
+        raise UserError("--voice takes a realtime model's preset; 1.5B/7B voices come from --voice-seconds here.")
+    s = s.with_defaults(DEFAULT_STEPS, DEFAULT_CFG_SCALE, DEFAULT_SCRIPT)
     if random_size:
         folders = random_weights(random_size)
         model, tokenizer = folders["original"], tokenizer or folders["tokenizer"]
         torch_model = torch_model or folders["transformers"]
         s = replace(s, force_frames=True)
     if model is None:
-        raise UserError("Give --model <folder> or --random-weights 1.5b|7b.")
-    from .loader import resolve_folder
-
-    folder = resolve_folder(model)  # a wrong path or repo id is refused before anything is measured
+        raise UserError("Give --model <folder> or --random-weights 1.5b|7b|realtime-0.5b.")
+    folder = _resolve(model)  # a wrong path or repo id is refused before anything is measured
     if torch_model is None and "torch" in compare:
         from .checkpoint import read_checkpoint
         from .keys import TRANSFORMERS
@@ -379,8 +398,16 @@ def run_bench(model=None, random_size: Optional[str] = None, tokenizer=None, bac
     return doc
 
 
+def _resolve(model) -> Path:
+    from .loader import resolve_folder
+
+    return resolve_folder(model)
+
+
 def format_bench(doc: Dict, part: str = "all") -> str:
     """The text report (or the part of it that just finished)."""
+    if doc.get("family") == "realtime":
+        return bench_realtime.format_doc(doc, part)
     lines: List[str] = []
     if part in ("header", "all"):
         bw = doc["bandwidth"]

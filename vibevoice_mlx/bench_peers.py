@@ -5,7 +5,9 @@
   speech-diffusion token (and stamps the time of each token choice). Nothing else is changed: the scheduler,
   the σ-VAE voice noise and the CFG logits processor transformers adds for guidance_scale != 1 are its own.
 * mlx-audio (not a dependency; from another Python that has it, `--peer-python`): `load_model(folder)`,
-  `set_dtype(float32)`, `generate(...)` with its token choice forced to the speech-diffusion token.
+  `set_dtype(float32)`, `generate(...)` with its token choice forced to the speech-diffusion token. Its
+  VibeVoice-Realtime (the same `load_model`, a voice cache in `voices/`): `generate(text, voice=..., stream=True,
+  streaming_interval=0)` with its EOS classifier forced to go on (`mlx_audio_realtime_peer`).
 
 Each peer runs in a child process (`python -m vibevoice_mlx.bench_peers <peer> ...`) so that its peak memory is
 its own and its libraries do not meet ours (torch runs on its own BLAS; the child gets no BLAS preload). The
@@ -16,6 +18,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -56,11 +59,10 @@ def synthetic_voice(seconds: float):
 
 
 def _summary(runs: List[Dict], load_s: float, hop: int, dtype: str, device: str) -> Dict:
-    import statistics
-
     gaps = [g for r in runs for g in r["gaps"]]
     frame = statistics.median(gaps)
-    return {"load_s": load_s, "prefill_s": statistics.median(r["prefill"] for r in runs),
+    prefill = [r["prefill"] for r in runs if "prefill" in r]  # the realtime model has none (the preset is it)
+    return {"load_s": load_s, "prefill_s": statistics.median(prefill) if prefill else None,
             "frame_ms": frame * 1e3, "frames_timed": len(gaps), "real_time": hop / 24000 / frame,
             "frame_ms_runs": [statistics.median(r["gaps"]) * 1e3 for r in runs], "dtype": dtype, "device": device,
             "peak_process_gb": peak_rss_gb()}
@@ -135,20 +137,13 @@ def mlx_audio_peer(folder: str, tokenizer: Optional[str], s: Dict) -> Dict:
     from .blas import use_fast_blas
 
     use_fast_blas()  # its best setting on Linux, as for vibevoice-mlx
-    import tempfile
-
+    if s.get("realtime"):
+        return mlx_audio_realtime_peer(folder, tokenizer, s)
     import mlx.core as mx
     import numpy as np
     from mlx_audio.tts.utils import load_model
 
-    # mlx-audio reads its tokenizer from the folder that preprocessor_config.json names: a local one here.
-    work = Path(tempfile.mkdtemp(prefix="vv-mlx-audio-"))
-    for f in Path(folder).iterdir():
-        (work / f.name).symlink_to(f.resolve())
-    pre = json.loads((Path(folder) / "preprocessor_config.json").read_text())
-    pre["language_model_pretrained_name"] = str(Path(tokenizer or folder).resolve())
-    (work / "preprocessor_config.json").unlink()
-    (work / "preprocessor_config.json").write_text(json.dumps(pre))
+    work = _mlx_audio_folder(folder, tokenizer)
     # A tied 1.5B checkpoint may leave lm_head.weight out (ours do; the released one stores the copy), and
     # mlx-audio loads strictly: give it the tie as one more shard, the embedding matrix under the head's name.
     weights = {}
@@ -188,6 +183,88 @@ def mlx_audio_peer(folder: str, tokenizer: Optional[str], s: Dict) -> Dict:
     runs = [run(s["frames"]) for _ in range(s["runs"])]
     out = _summary(runs, load_s, 3200, "float32", "CPU" if mx.default_device() == mx.cpu else "GPU")
     out.update(system=f"mlx-audio {_version('mlx-audio')} (MLX {mx.__version__})")
+    return out
+
+
+def _mlx_audio_folder(folder, tokenizer) -> Path:
+    """A folder of links to `folder` whose preprocessor_config.json names `tokenizer`: mlx-audio reads its tokenizer
+    from the folder that file names (a hub id otherwise)."""
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="vv-mlx-audio-"))
+    for f in Path(folder).iterdir():
+        (work / f.name).symlink_to(f.resolve())
+    pre = json.loads((Path(folder) / "preprocessor_config.json").read_text())
+    pre["language_model_pretrained_name"] = str(Path(tokenizer or folder).resolve())
+    (work / "preprocessor_config.json").unlink()
+    (work / "preprocessor_config.json").write_text(json.dumps(pre))
+    return work
+
+
+def _mlx_audio_voice(preset: str, target: Path) -> None:
+    """Our saved realtime voice in mlx-audio's voice-cache layout (`voices/<name>.safetensors`: per-layer
+    `<branch>_key_<i>` [1, kv_heads, seq, head_dim] and `<branch>_hidden`). Our voices keep only the negative
+    branch's last hidden state (generation reads no other); the positive branches' hidden states are zeros of the
+    right length (mlx-audio reads only their last row, after a text window replaced it)."""
+    import mlx.core as mx
+
+    t = mx.load(preset)
+    hidden = t["neg_tts_lm.hidden"].shape[-1]
+    out = {"neg_tts_lm_hidden": t["neg_tts_lm.hidden"].reshape(1, 1, hidden)}
+    for branch in ("lm", "tts_lm", "neg_tts_lm"):
+        keys, values = t[f"{branch}.keys"], t[f"{branch}.values"]
+        for i in range(keys.shape[0]):
+            out[f"{branch}_key_{i}"], out[f"{branch}_value_{i}"] = keys[i][None], values[i][None]
+        if branch != "neg_tts_lm":
+            out[f"{branch}_hidden"] = mx.zeros((1, keys.shape[2], hidden), keys.dtype)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(target), out)
+
+
+def mlx_audio_realtime_peer(folder: str, tokenizer: Optional[str], s: Dict) -> Dict:
+    """Time mlx-audio's VibeVoice-Realtime as its users stream it: `load_model(folder)`, then `generate(text,
+    voice=<name>, stream=True, streaming_interval=0)` (one frame per chunk, as vibevoice-mlx streams; float32 like
+    the CPU default). Its EOS classifier is forced to "go on" (computed first: the same work and sync) and
+    `max_tokens` ends the run after the same frame count; stamps at each chunk out."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx_audio.tts.utils import load_model
+
+    work = _mlx_audio_folder(folder, tokenizer)
+    (work / "voices").mkdir()
+    _mlx_audio_voice(s["voice"], work / "voices" / "bench.safetensors")
+    start = time.perf_counter()
+    model = load_model(str(work), lazy=True)
+    model.set_dtype(getattr(mx, s.get("dtype", "float32")))
+    mx.eval(model.parameters())
+    load_s = time.perf_counter() - start
+    eos = model.tts_eos_classifier
+
+    class NeverStop:
+        def __call__(self, h):
+            return eos(h) * 0 - 30.0  # sigmoid(-30) < 0.5: it computes its logit, then goes on
+
+    model.tts_eos_classifier = NeverStop()
+
+    def run(n):
+        stamps = []
+        begin = time.perf_counter()
+        for r in model.generate(s["script"], max_tokens=n, cfg_scale=s["cfg_scale"], ddpm_steps=s["steps"],
+                                voice="bench", stream=True, streaming_interval=0):
+            if r.samples:
+                stamps.append(time.perf_counter())
+        if len(stamps) != n:
+            raise RuntimeError(f"mlx-audio made {len(stamps)} chunks, expected {n}")
+        return {"first_audio": stamps[0] - begin, "gaps": list(np.diff(stamps[s["warmup"]:]))}
+
+    run(s["warmup"] + 1)
+    runs = [run(s["frames"] + s["warmup"] + 1) for _ in range(s["runs"])]  # s["frames"] gaps each
+    out = _summary(runs, load_s, 3200, s.get("dtype", "float32"), "CPU" if mx.default_device() == mx.cpu else "GPU")
+    gaps = [g for r in runs for g in r["gaps"]]
+    out.update(system=f"mlx-audio {_version('mlx-audio')} (MLX {mx.__version__}), stream=True, "
+                      "streaming_interval=0", first_audio_s=statistics.median(r["first_audio"] for r in runs),
+               first_audio_runs_s=[r["first_audio"] for r in runs], mean_frame_ms=statistics.mean(gaps) * 1e3,
+               peak_mlx_gb=mx.get_peak_memory() / 1e9, real_time=3200 / 24000 / statistics.mean(gaps))
     return out
 
 

@@ -119,22 +119,29 @@ def frame_bytes(model, steps: int, context: int, rows: int = 2, itemsize: Option
     kv_item = itemsize or lm.embed_tokens.weight.dtype.size
     kv = rows * context * len(lm.layers) * 2 * kv_dim * kv_item
     control_rows = 4 * args.hidden_size * 4  # the float32 lm_head rows of the four control tokens
-    once = _nbytes(head.cond_proj, itemsize) + sum(_nbytes(layer.adaLN_modulation[1], itemsize)
-                                                   for layer in head.layers)
-    once += _nbytes(head.final_layer.adaLN_modulation[1], itemsize)
-    per_step = _nbytes(head.noisy_images_proj, itemsize) + _nbytes(head.final_layer.linear, itemsize)
-    per_step += sum(_nbytes(layer.ffn, itemsize) + _nbytes(layer.norm, itemsize) for layer in head.layers)
     return {
         "language model": _nbytes(lm, itemsize) - _nbytes(lm.embed_tokens, itemsize) + control_rows + kv,
-        "diffusion head": once + steps * per_step,
+        "diffusion head": head_bytes(head, steps, itemsize),
         "decoder": _nbytes(m.acoustic_tokenizer.decoder, itemsize),
         "semantic encoder": _nbytes(m.semantic_tokenizer.encoder, itemsize),
         "connectors": _nbytes(m.acoustic_connector, itemsize) + _nbytes(m.semantic_connector, itemsize),
     }
 
 
-def weight_bytes(model) -> int:
-    return _nbytes(model)
+def head_bytes(head, steps: int, itemsize: Optional[int] = None) -> int:
+    """Bytes the diffusion head reads for one frame of `steps` steps: its condition and adaLN weights once, its
+    FFNs, norms, input projection and final linear every step (the t-embeddings are constants)."""
+    once = _nbytes(head.cond_proj, itemsize) + sum(_nbytes(layer.adaLN_modulation[1], itemsize)
+                                                   for layer in head.layers)
+    once += _nbytes(head.final_layer.adaLN_modulation[1], itemsize)
+    per_step = _nbytes(head.noisy_images_proj, itemsize) + _nbytes(head.final_layer.linear, itemsize)
+    per_step += sum(_nbytes(layer.ffn, itemsize) + _nbytes(layer.norm, itemsize) for layer in head.layers)
+    return once + steps * per_step
+
+
+def weight_bytes(model, itemsize: Optional[int] = None) -> int:
+    """Bytes of a model's (or module's) parameters; `itemsize` re-prices the floating ones as `_nbytes` does."""
+    return _nbytes(model, itemsize)
 
 
 def kv_cache_bytes(model, tokens: int, rows: int = 2, step: int = 256) -> int:

@@ -96,8 +96,9 @@ def _int_list(text):
 
 @main.command()
 @click.option("-m", "--model", help="Model folder or repo id (as for say).")
-@click.option("--random-weights", type=click.Choice(["1.5b", "7b"]),
+@click.option("--random-weights", type=click.Choice(["1.5b", "7b", "realtime-0.5b"]),
               help="A real configuration with seeded random weights (built once into the cache; frames forced).")
+@click.option("--voice", help="Voice preset of a realtime model (.safetensors, .pt or a preset name).")
 @click.option("--backends", default="mlx", show_default=True,
               help="This package's backends, timed in this order; the last is the baseline of the ratios.")
 @click.option("--compare", default="", help="Peers timed the way their users run them, on the same weights: "
@@ -111,17 +112,18 @@ def _int_list(text):
 @click.option("--frames", default=16, show_default=True, type=click.IntRange(2), help="Frames timed per run.")
 @click.option("--runs", default=2, show_default=True, type=click.IntRange(1), help="Timed runs, after a warm-up.")
 @click.option("--warmup", default=1, show_default=True, type=click.IntRange(1), help="Untimed frames per run.")
-@click.option("--steps", default=10, show_default=True, type=click.IntRange(1, 100))
-@click.option("--cfg-scale", default=1.3, show_default=True, type=float)
+@click.option("--steps", type=click.IntRange(1, 100), help="Diffusion steps [default: 10; realtime 5].")
+@click.option("--cfg-scale", type=float, help="CFG scale [default: 1.3; realtime 1.5].")
 @click.option("--voice-seconds", default=3.0, show_default=True, type=click.FloatRange(0),
               help="Length of the synthetic voice prompt (0: no voice).")
-@click.option("--script", default=None, help="Text to speak (default: 'Speaker 0: Hello there.').")
+@click.option("--script", default=None, help="Text to speak (default: 'Speaker 0: Hello there.'; realtime: a "
+              "long sentence).")
 @click.option("--force-frames", is_flag=True, help="Make every step a frame (random-weight checkpoints).")
 @click.option("--profile-frames", default=6, show_default=True, type=click.IntRange(0),
               help="Frames of the instrumented pass that splits a frame by stage (0: skip it).")
 @click.option("--tokenizer", help="Tokenizer folder or repo id, when the model folder has none.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON at the end.")
-def bench(model, random_weights, backends, compare, torch_model, peer_python, dtype, q_bits, batch, frames, runs,
+def bench(model, random_weights, voice, backends, compare, torch_model, peer_python, dtype, q_bits, batch, frames, runs,
           warmup, steps, cfg_scale, voice_seconds, script, force_frames, profile_frames, tokenizer, as_json):
     """Time load, prefill, first audio and each frame by stage, beside this machine's memory-bandwidth floor."""
     from . import bench as b
@@ -142,9 +144,9 @@ def bench(model, random_weights, backends, compare, torch_model, peer_python, dt
         if problem:
             raise CLIError(problem)
     if (model is None) == (random_weights is None):
-        raise CLIError("Give one of --model <folder> and --random-weights 1.5b|7b.")
+        raise CLIError("Give one of --model <folder> and --random-weights 1.5b|7b|realtime-0.5b.")
     settings = b.BenchSettings(frames=frames, runs=runs, warmup=warmup, steps=steps, cfg_scale=cfg_scale,
-                               voice_seconds=voice_seconds, script=script or b.DEFAULT_SCRIPT,
+                               voice_seconds=voice_seconds, script=script,
                                force_frames=force_frames, profile_frames=profile_frames)
 
     def echo(doc, part):
@@ -155,7 +157,7 @@ def bench(model, random_weights, backends, compare, torch_model, peer_python, dt
 
     with user_errors():
         doc = b.run_bench(model, random_weights, tokenizer, names, peers, torch_model, peer_python, dtype,
-                          _int_list(q_bits), _int_list(batch), settings, echo)
+                          _int_list(q_bits), _int_list(batch), settings, echo, voice)
     if as_json:
         click.echo(b.to_json(doc))
 

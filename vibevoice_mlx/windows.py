@@ -30,6 +30,8 @@ from .models.realtime import SPEECH_WINDOW, TEXT_WINDOW, RealtimeModel
 from .scheduler import DPMSolver, sample_latent
 
 EOSRule = Callable[[int, float], bool]
+TEXT_STAGE = "text window"  # the stages `Batch.step` times through its `clock`
+FRAME_STAGES = ("diffusion head", "decoder", "TTS LM feeds + EOS")
 
 
 def default_eos_rule(frame: int, probability: float) -> bool:
@@ -129,6 +131,7 @@ class Batch:
         self.tts: Optional[CFGCache] = None
         self.h_pos = self.h_neg = None  # [B, H] float32
         self.decoder_state = None
+        self._fed: Optional[mx.array] = None  # the last frames' latents, fed back at the start of the next step
 
     @property
     def active(self) -> bool:
@@ -209,23 +212,34 @@ class Batch:
             if not row.done:
                 self._join(row)
 
-    def step(self) -> List[tuple]:
-        """One frame for every row that can make one: [(row, audio [hop] float32)]. Rows that stop leave; rows
-        whose text is not final yet wait outside (no audio from them this step)."""
+    def step(self, clock: Callable = lambda stage, fn: fn()) -> List[tuple]:
+        """One frame for every row that can make one: [(row, audio [hop] float32)], returned as soon as it is
+        decoded: its feedback to the TTS LM and the EOS decision run at the start of the next step. Rows that stop
+        leave; rows whose text is not final yet wait outside (no audio from them this step). `clock(stage, fn)` runs
+        each stage (bench times them: TEXT_STAGE and FRAME_STAGES)."""
+        if self._fed is not None:
+            clock(FRAME_STAGES[2], lambda: self._feed(self._fed))
+            self._fed = None
         for row in self.rows + self.parked:
             if row.should_stop is not None and not row.done and row.should_stop():
                 row.stop = "cancelled"
         self.parked = [r for r in self.parked if not r.done]
         self._leave([r for r in self.rows if r.done])
-        self._windows()
+        if any(r.at_window for r in self.rows + self.parked):
+            clock(TEXT_STAGE, self._windows)
         if not self.rows:
             return []
         m = self.model.model
         noise = mx.concatenate([r.noise(r.frames).reshape(1, -1) for r in self.rows]).astype(mx.float32)
-        z = sample_latent(m.prediction_head, self.h_pos, self.h_neg, noise, self.schedule, self.cfg_scale)
-        audio, self.decoder_state = m.acoustic_tokenizer.decoder.stream(self.model.unscale_latents(z)[:, None],
-                                                                       self.decoder_state)
-        audio = audio.reshape(len(self.rows), -1).astype(mx.float32)
+        z = clock(FRAME_STAGES[0], lambda: sample_latent(m.prediction_head, self.h_pos, self.h_neg, noise,
+                                                         self.schedule, self.cfg_scale))
+
+        def decode():
+            audio, self.decoder_state = m.acoustic_tokenizer.decoder.stream(
+                self.model.unscale_latents(z)[:, None], self.decoder_state)
+            return audio.reshape(len(self.rows), -1).astype(mx.float32)
+
+        audio = clock(FRAME_STAGES[1], decode)
         out = []
         limit = self.model.config.max_positions
         for i, row in enumerate(self.rows):
@@ -239,17 +253,23 @@ class Batch:
         if len(feeding) < len(self.rows):
             z = z[mx.array(feeding)] if feeding else z
             self._leave([r for r in self.rows if r.done])
-        if self.rows:
-            e = m.acoustic_connector(z[:, None].astype(self.dtype))  # [B, 1, H]: one product per row
-            h = self.model.tts(mx.repeat(e, 2, axis=0), 0, self.tts)[:, -1].astype(mx.float32)
-            self.h_pos, self.h_neg = h[0::2], h[1::2]
-            p = self.model.eos_probability(self.h_pos).tolist()
-            for row, prob in zip(self.rows, p):
-                row.positions += 1
-                if row.eos_rule(row.frames - 1, prob):
-                    row.stop = "eos"
-            self._leave([r for r in self.rows if r.done])
+        self._fed = z if self.rows else None
         return out
+
+    def _feed(self, z: mx.array) -> mx.array:
+        """The last frames z back to both TTS LM branches of every row (type 0), then the EOS check (§4.4 steps
+        4-5); rows that stop leave."""
+        m = self.model.model
+        e = m.acoustic_connector(z[:, None].astype(self.dtype))  # [B, 1, H]: one product per row
+        h = self.model.tts(mx.repeat(e, 2, axis=0), 0, self.tts)[:, -1].astype(mx.float32)
+        self.h_pos, self.h_neg = h[0::2], h[1::2]
+        p = self.model.eos_probability(self.h_pos)
+        for row, prob in zip(self.rows, p.tolist()):
+            row.positions += 1
+            if row.eos_rule(row.frames - 1, prob):
+                row.stop = "eos"
+        self._leave([r for r in self.rows if r.done])
+        return p
 
 
 def windows(model: RealtimeModel, voice, text: TextIds, noise: Callable[[int], mx.array],
