@@ -283,9 +283,8 @@ class Worker:
 
     @staticmethod
     def _joinable(batches, job: Job) -> Optional[_Batch]:
-        if not job.solo:
-            return next((b for b in batches if b.joins and b.group == job.group), None)
-        return None
+        """The running batch that `job` may join at its next step, if any."""
+        return None if job.solo else next((b for b in batches if b.joins and b.group == job.group), None)
 
     def _drop_cancelled(self):
         while self._pending and self._pending[0].cancelled.is_set():
