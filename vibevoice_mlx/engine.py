@@ -326,6 +326,8 @@ class MLXBackend:
         return out
 
     def run(self, sources: Sequence[JobSource], settings: FrameSettings) -> Iterator[Event]:
+        """The events of every source's jobs; a source appended to `sources` while this runs joins the batch at
+        the next step. Ends when no row runs and no source waits."""
         m = self.model.model
         dec, sem = m.acoustic_tokenizer.decoder, m.semantic_tokenizer.encoder
         t = self.tokens
@@ -333,14 +335,18 @@ class MLXBackend:
         frame_step = self.frame_step(settings)
         latent_dim = self.model.config.acoustic_vae_dim
 
-        waiting = deque(range(len(sources)))
+        waiting: deque = deque()
+        seen = 0  # sources may be appended while this runs (generation.LiveBatch): each joins at the next step
         rows: List[_Row] = []
         cache: Optional[backbone.CFGCache] = None
         dec_state: List[mx.array] = []
         sem_state: List[mx.array] = []
         queued = None  # the next LM step, queued behind the frame that feeds it (the rows did not change)
-        while waiting or rows:
-            while waiting and len(rows) < self.max_batch:
+        while True:
+            waiting.extend(range(seen, len(sources)))
+            seen = len(sources)
+            # A queued LM step is for the rows as they are: a newcomer then enters one step later.
+            while waiting and len(rows) < self.max_batch and queued is None:
                 i = waiting.popleft()
                 job = sources[i].next_job()
                 yield i, NEXT, None
@@ -354,8 +360,10 @@ class MLXBackend:
                     cache.add(row_cache)
                     dec_state = [mx.concatenate([a, b]) for a, b in zip(dec_state, dec.make_state(1))]
                     sem_state = [mx.concatenate([a, b]) for a, b in zip(sem_state, sem.make_state(1))]
-            if not rows:
+            if not rows and not waiting and seen == len(sources):
                 break
+            if not rows:
+                continue
 
             pos_h, neg_h, logits, finite = queued or self._lm_step(rows, cache)
             queued = None

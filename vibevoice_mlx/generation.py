@@ -5,7 +5,8 @@ prepared and encoded, its seed split into voice, noise and sampling keys, and it
 backend as jobs (`backend.SegmentJob`). The backend (the MLX engine, several scripts per forward pass; or the
 PyTorch path) turns jobs into token and frame events; a `ScriptRun` turns those into `GenerationResponse`s with
 the running figures, the length rule warnings and the `max_seconds` budget. `stream_generate`, `generate` and
-`generate_batch` are views of it.
+`generate_batch` are views of it; on the 1.5B/7B it runs a `LiveBatch`, which also takes scripts that arrive
+while it runs (the server's continuous batching).
 """
 
 import logging
@@ -336,36 +337,97 @@ def _stream_batch(pipe, scripts, voices, config, sampler, noise, stop, eos_rule,
     n = len(scripts)
     if n == 0:
         return
-    base = replace(config or GenerationConfig(**getattr(pipe, "defaults", {})),
-                   **{k: v for k, v in kwargs.items() if k not in _PER_SCRIPT})
-    per_script = {k: v for k, v in kwargs.items() if k in _PER_SCRIPT}
-    configs = [replace(base, **{k: _pick(v, i, n, k) for k, v in per_script.items()}) for i in range(n)]
-    start = time.perf_counter()
+    shared = {k: v for k, v in kwargs.items() if k not in _PER_SCRIPT}
+    per_script = [{k: _pick(v, i, n, k) for k, v in kwargs.items() if k in _PER_SCRIPT} for i in range(n)]
     if _realtime(pipe):
+        base = replace(config or GenerationConfig(**getattr(pipe, "defaults", {})), **shared)
+        configs = [replace(base, **options) for options in per_script]
         yield from _stream_realtime(pipe, scripts, voices, configs, [_pick(noise, i, n, "noise") for i in range(n)],
                                     [_pick(stop, i, n, "stop") for i in range(n)],
-                                    [_pick(eos_rule, i, n, "eos_rule") for i in range(n)], start)
-        if base.free_memory_after_generate:
-            from .memory import free_memory
-
-            free_memory()
-        return
-    runs = []
-    for i, script in enumerate(scripts):
-        runs.append(ScriptRun(pipe, script, voices[i], configs[i], _pick(sampler, i, n, "sampler"),
-                              _pick(noise, i, n, "noise"), _pick(stop, i, n, "stop"), start))
-    settings = FrameSettings(base.steps, base.cfg_scale, base.compile, base.prefill_chunk)
-    for i, token, audio in pipe.backend.run(runs, settings):
-        for r in runs[i].on_event(token, audio):
-            yield i, r
-    for i, run in enumerate(runs):
-        run.finish()
-        for r in run.on_event(NEXT, None):
-            yield i, r
+                                    [_pick(eos_rule, i, n, "eos_rule") for i in range(n)], time.perf_counter())
+    else:
+        live = LiveBatch(pipe, config, **shared)
+        base = live.config
+        for i, script in enumerate(scripts):
+            live.add(script, voices[i], sampler=_pick(sampler, i, n, "sampler"), noise=_pick(noise, i, n, "noise"),
+                     stop=_pick(stop, i, n, "stop"), **per_script[i])
+        for handle, r in live:
+            yield handle.index, r
     if base.free_memory_after_generate:
         from .memory import free_memory
 
         free_memory()
+
+
+class LiveHandle:
+    """One script of a `LiveBatch`: `index` is its place in the order of `add`; `cancel()` ends it at the next
+    step, which frees its rows; `done` once its last response (`finished`) is out."""
+
+    def __init__(self, index: int):
+        self.index, self.cancelled, self.done = index, False, False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class LiveBatch:
+    """A batch that takes new scripts while it runs (continuous batching, VibeVoice 1.5B/7B).
+
+    `add(script, voices, **options)` returns a `LiveHandle`; iterating yields (handle, response) as audio is made.
+    A script added while the batch runs is prefilled and joins at the next step; one that ends or is cancelled
+    leaves at the next step. Iteration ends when every script added so far is done; scripts added after that
+    start a new run on the next iteration. `steps`, `cfg_scale` (and `compile`, `prefill_chunk`) are shared by
+    the batch; `seed`, `max_seconds`, `temperature`, `top_p`, `voice_noise`, `sampler`, `noise` and `stop` go
+    per script. With `load(batch_invariant=True)` a script's audio equals its solo run bit for bit, whenever it
+    joined and whoever shared the batch (tests/test_live_batch.py); add and iterate from one thread.
+    """
+
+    def __init__(self, pipe, config: Optional[GenerationConfig] = None, sampler: Optional[Sampler] = None,
+                 **kwargs):
+        check_call(pipe, [], None, kwargs)
+        if _realtime(pipe):
+            raise UserError("LiveBatch serves VibeVoice 1.5B and 7B; for the realtime model use "
+                            "stream_generate_batch.")
+        self.pipe, self.sampler = pipe, sampler
+        self.config = replace(config or GenerationConfig(**getattr(pipe, "defaults", {})), **kwargs)
+        c = self.config
+        self.settings = FrameSettings(c.steps, c.cfg_scale, c.compile, c.prefill_chunk)
+        self._runs: List[ScriptRun] = []  # the sources of the backend's current run (it sees them grow)
+        self._handles: List[LiveHandle] = []
+        self._added = 0
+
+    def add(self, script: str, voices=None, sampler: Optional[Sampler] = None, noise: Noise = None,
+            stop: Optional[Callable[[], bool]] = None, **options) -> LiveHandle:
+        """Queue a script; it joins the batch at the next step. Its voices and options are checked now."""
+        voices = check_call(self.pipe, [script], [voices], options)[0]
+        shared = sorted(set(options) - set(_PER_SCRIPT))
+        if shared:
+            raise UserError(f"{shared[0]} is shared by a live batch: give it to LiveBatch(...), not to add().")
+        handle = LiveHandle(self._added)
+        stopped = (lambda: handle.cancelled) if stop is None else (lambda: handle.cancelled or stop())
+        run = ScriptRun(self.pipe, script, voices, replace(self.config, **options), sampler or self.sampler, noise,
+                        stopped, time.perf_counter())
+        self._added += 1
+        self._runs.append(run)
+        self._handles.append(handle)
+        return handle
+
+    def __iter__(self) -> Iterator[Tuple[LiveHandle, GenerationResponse]]:
+        while self._runs:
+            runs, handles = self._runs, self._handles
+            for i, token, audio in self.pipe.backend.run(runs, self.settings):
+                yield from self._out(handles[i], runs[i].on_event(token, audio))
+            seen = len(runs)  # scripts added while the last responses go out start the next run
+            for i in range(seen):
+                runs[i].finish()
+                yield from self._out(handles[i], runs[i].on_event(NEXT, None))
+            self._runs, self._handles = runs[seen:], handles[seen:]
+
+    @staticmethod
+    def _out(handle: LiveHandle, responses: List[GenerationResponse]):
+        for r in responses:
+            handle.done |= r.finished
+            yield handle, r
 
 
 def _stream_realtime(pipe, scripts, voices, configs, noises, stops, eos_rules, start):

@@ -69,9 +69,11 @@ def model_id(model: str) -> str:
 @click.option("--max-queue", default=16, show_default=True, type=click.IntRange(1),
               help="Requests that may wait; beyond, 503 with Retry-After.")
 @click.option("--max-batch", default=4, show_default=True, type=click.IntRange(1),
-              help="Requests in progress at once; those that arrive together share one batch.")
-@click.option("--batch-invariant", is_flag=True,
-              help="A request's audio equals its run alone, bit for bit on any BLAS (slower batches on the CPU).")
+              help="Requests in progress at once; one that arrives while a batch with its steps and cfg_scale "
+                   "runs joins it at the next step, the rest queue.")
+@click.option("--batch-invariant/--no-batch-invariant", default=True, show_default=True,
+              help="A request's audio equals its run alone, bit for bit on any BLAS, whoever shares its batch; "
+                   "--no-batch-invariant trades that for faster batches on the CPU (README: Speed).")
 @click.option("--max-input-chars", default=4096, show_default=True, type=click.IntRange(1),
               help="Longest 'input' accepted (OpenAI's limit by default).")
 @click.option("--max-upload-mb", default=20.0, show_default=True, type=click.FloatRange(0, min_open=True),

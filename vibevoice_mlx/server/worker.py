@@ -1,12 +1,13 @@
 """The one thread that owns the model: a bounded queue of speech jobs, batched, cancellable, drained on exit.
 
 MLX work (generation, encoding an uploaded voice) happens on this thread only, so the model is never used from
-two threads at once. Jobs that wait together and share `steps` and `cfg_scale` (the batched engine needs one
-value of each) run as one `vv.stream_generate_batch` call; every other option goes per script. Up to
-`max_batch` jobs are in progress at once: a batch cannot take new scripts once started, so a later request
-starts a batch of its own, and the thread advances every batch in progress by one event in turn. A job's `stop`
-callable is checked by the engine at each frame: a client that leaves, or a shutdown past its grace period,
-ends the job there and frees its slot. A task (encoding an uploaded voice) that is a generator runs step by step
+two threads at once. Jobs that share `steps` and `cfg_scale` (the batched engine needs one value of each) run in
+one `generation.LiveBatch`; every other option goes per script. Continuous batching: a job whose group matches
+a running batch joins it at its next step, so a later request does not wait for the batch to end. Up to
+`max_batch` jobs are in progress at once, the rest queue; jobs of another group start a batch of their own, and
+the thread advances every batch in progress by one event in turn. A job's `stop` callable is checked by the
+engine at each step: a client that leaves, or a shutdown past its grace period, ends the job there and frees its
+rows and its slot. A task (encoding an uploaded voice) that is a generator runs step by step
 between those events, taking `TASK_SHARE` of the thread's time while speech is generated, so that a long upload
 slows generation down instead of stopping it.
 """
@@ -19,7 +20,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Deque, Iterator, List, Optional, Tuple
+from typing import Callable, Deque, Dict, Iterator, List, Optional, Tuple
 
 from .errors import APIError, from_generation_error
 
@@ -74,13 +75,38 @@ class Job:
 
 @dataclass(eq=False)
 class _Batch:
-    jobs: List[Job]
-    events: Iterator  # what vv.stream_generate_batch yields: (script index, response)
+    """Jobs generated together: `live` takes their scripts (`add` -> handle; iterated: (handle, response))."""
+
+    group: tuple
+    live: object
+    joins: bool  # takes jobs while it runs (a LiveBatch of jobs that are not running solo)
+    jobs: Dict[object, Job] = field(default_factory=dict)  # by handle
+    events: Optional[Iterator] = None
+
+
+class _Fixed:
+    """A batch for the `generate` hook (a stand-in engine in tests): the scripts added before it starts run as one
+    `generate(pipe, scripts, voices, **options)` call, each per-script option a list; it takes none after that."""
+
+    def __init__(self, generate, pipe, **shared):
+        self.generate, self.pipe, self.shared = generate, pipe, shared
+        self.scripts, self.voices, self.options = [], [], []
+
+    def add(self, script, voices, **options) -> int:
+        self.scripts.append(script)
+        self.voices.append(voices)
+        self.options.append(options)
+        return len(self.scripts) - 1
+
+    def __iter__(self):
+        options = {k: [o[k] for o in self.options] for k in self.options[0]}
+        return iter(self.generate(self.pipe, self.scripts, self.voices, **options, **self.shared))
 
 
 class Worker:
     """load() -> pipeline, run on the worker thread. `sampler` is a testing aid handed to every generation
-    (tests force speech frames with it); `generate` defaults to `vv.stream_generate_batch`."""
+    (tests force speech frames with it); `generate`, a stand-in for `vv.stream_generate_batch` (tests), runs
+    batches that take no jobs once started instead of `generation.LiveBatch`."""
 
     def __init__(self, load: Callable[[], object], max_queue: int = 16, max_batch: int = 4,
                  sampler=None, generate=None, batch_window: float = BATCH_WINDOW_S, free_when_idle: bool = True):
@@ -185,10 +211,6 @@ class Worker:
     def _run(self):
         try:
             self.pipe = self._load()
-            if self._generate is None:
-                import vibevoice_mlx as vv
-
-                self._generate = vv.stream_generate_batch
         except BaseException as e:  # noqa: BLE001 - handed to start(), which raises it in the caller's thread
             self._load_error = e
             self._ready.set()
@@ -223,10 +245,7 @@ class Worker:
                     if batches:  # alone, a task owes nothing
                         owed -= time.monotonic() - start
                 if jobs:
-                    try:
-                        batches.append(self._start_batch(jobs))
-                    except Exception as e:  # noqa: BLE001 - a library that fails when called, not when iterated
-                        self._batch_failed(jobs, e)
+                    self._place(jobs, batches)
                 # One step of every batch in progress, in turn: a long request does not hold up a new one.
                 start = time.monotonic()
                 for batch in list(batches):
@@ -236,14 +255,14 @@ class Worker:
             except Exception:  # noqa: BLE001 - the worker must outlive any one request
                 logger.exception("Worker error")
             with self._cond:
-                self._active = [j for b in batches for j in b.jobs if not j.done]
+                self._active = [j for b in batches for j in b.jobs.values() if not j.done]
                 idle = not (batches or stepping or self._pending)
             if self.free_when_idle and idle and self._used:
                 self._used = False
                 self._free_memory()
 
     def _room(self, batches) -> int:
-        return self.max_batch - sum(not j.done for b in batches for j in b.jobs)
+        return self.max_batch - sum(not j.done for b in batches for j in b.jobs.values())
 
     def _gathering(self, batches) -> float:
         """Seconds to wait before taking the next batch (0: take it now; -1: no room or nothing waits).
@@ -256,10 +275,16 @@ class Worker:
         room = self._room(batches)
         if not self._pending or room <= 0:
             return -1
-        if self._pending[0].solo or room >= min(len(self._pending), self.max_batch):
+        first = self._pending[0]
+        if first.solo or room >= min(len(self._pending), self.max_batch) or self._joinable(batches, first):
             return 0
         since = max(self._pending[0].submitted, self._freed_at)
         return max(0.0, since + self.batch_window - time.monotonic())
+
+    @staticmethod
+    def _joinable(batches, job: Job) -> Optional[_Batch]:
+        """The running batch that `job` may join at its next step, if any."""
+        return None if job.solo else next((b for b in batches if b.joins and b.group == job.group), None)
 
     def _drop_cancelled(self):
         while self._pending and self._pending[0].cancelled.is_set():
@@ -312,37 +337,60 @@ class Worker:
     def _stopper(self, job: Job):
         return lambda: job.cancelled.is_set() or (self._stop_at is not None and time.monotonic() > self._stop_at)
 
-    def _start_batch(self, batch: List[Job]) -> "_Batch":
-        start = time.monotonic()
-        for job in batch:
-            job.started = start
-        self.counts["batches"] += 1
+    def _place(self, jobs: List[Job], batches: List[_Batch]) -> None:
+        """Jobs of one group into the running batch of that group, else into a new one."""
+        batch = self._joinable(batches, jobs[0])
+        if batch is None:
+            try:
+                batch = self._new_batch(jobs[0])
+            except Exception as e:  # noqa: BLE001 - a library that fails when called, not when iterated
+                self._batch_failed(jobs, e)
+                return
+            batches.append(batch)
+            logger.info("Generating a batch of %d (steps %s, cfg %s)", len(jobs), *batch.group)
+        else:
+            logger.info("%d job(s) join the running batch (steps %s, cfg %s)", len(jobs), *batch.group)
         self._used = True
-        logger.info("Generating a batch of %d (steps %s, cfg %s)", len(batch), *batch[0].group)
-        options = dict(seed=[j.seed for j in batch], max_seconds=[j.max_seconds for j in batch],
-                       temperature=[j.temperature for j in batch], top_p=[j.top_p for j in batch],
-                       stop=[self._stopper(j) for j in batch])
-        # Shared by the whole batch (it was grouped by them); left out, the model's defaults apply.
-        options.update({k: v for k, v in zip(("steps", "cfg_scale"), batch[0].group) if v is not None})
+        for job in jobs:
+            job.started = time.monotonic()
+            options = dict(seed=job.seed, max_seconds=job.max_seconds, temperature=job.temperature, top_p=job.top_p,
+                           stop=self._stopper(job))
+            try:
+                batch.jobs[batch.live.add(job.script, list(job.voices) or None, **options)] = job
+            except Exception as e:  # noqa: BLE001 - a bad voice or option fails its own job only
+                self._fail(job, from_generation_error(e))
+        if batch.events is None:
+            try:
+                batch.events = iter(batch.live)
+            except Exception as e:  # noqa: BLE001 - a library that fails when called, not when iterated
+                batches.remove(batch)
+                self._batch_failed(list(batch.jobs.values()), e)
+
+    def _new_batch(self, first: Job) -> _Batch:
+        self.counts["batches"] += 1
+        # Shared by the whole batch (it is grouped by them); left out, the model's defaults apply.
+        shared = {k: v for k, v in zip(("steps", "cfg_scale"), first.group) if v is not None}
         if self.sampler is not None:
-            options["sampler"] = self.sampler
-        events = self._generate(self.pipe, [j.script for j in batch], [list(j.voices) or None for j in batch],
-                                **options)
-        return _Batch(batch, iter(events))
+            shared["sampler"] = self.sampler
+        if self._generate is not None:
+            return _Batch(first.group, _Fixed(self._generate, self.pipe, **shared), joins=False)
+        from ..generation import LiveBatch
+
+        return _Batch(first.group, LiveBatch(self.pipe, **shared), joins=not first.solo)
 
     def _step(self, batch: "_Batch") -> bool:
         """Advance a batch by one event; False once it is over (all its jobs ended or failed)."""
         try:
-            i, r = next(batch.events)
+            handle, r = next(batch.events)
         except StopIteration:
-            for job in batch.jobs:
+            for job in batch.jobs.values():
                 if not job.done:
                     self._finish(job)
             return False
         except Exception as e:  # noqa: BLE001 - one bad request must not fail the server
-            self._batch_failed(batch.jobs, e)
+            self._batch_failed(list(batch.jobs.values()), e)
             return False
-        job = batch.jobs[i]
+        job = batch.jobs[handle]
         if not job.done:
             job.frames, job.audio_seconds = r.frames, r.audio_seconds
             job.truncated |= bool(r.truncated)
@@ -369,9 +417,7 @@ class Worker:
         retry = [] if len(batch) == 1 else [j for j in batch if not (j.done or j.emitted or j.cancelled.is_set())]
         for job in batch:
             if not job.done and job not in retry:
-                job.done = True
-                self.counts["failed"] += 1
-                job.emit("error", error)
+                self._fail(job, error)
         if retry and not self._accepting:  # shutting down: nothing runs again
             for job in retry:
                 job.done = True
@@ -384,6 +430,12 @@ class Worker:
                 for job in reversed(retry):
                     job.solo = True
                     self._pending.appendleft(job)
+
+    def _fail(self, job: Job, error: APIError):
+        job.done = True
+        self._freed_at = time.monotonic()
+        self.counts["failed"] += 1
+        job.emit("error", error)
 
     def _free_memory(self):
         import vibevoice_mlx as vv
