@@ -104,7 +104,7 @@ def _mlx_outputs(model, i):
 def test_converted_folder_matches_reference(tiny, reference, inputs, tmp_path, case):
     (folder_dtype, runtime, bits), tolerances = CASES[case]
     folder = convert(str(tiny["original"]), tmp_path / case, dtype=folder_dtype, quantize=bits is not None,
-                     q_bits=bits or 4, tokenizer=str(tiny["tokenizer"]))
+                     q_bits=bits, tokenizer=str(tiny["tokenizer"]))
     model, _ = load_model(folder, dtype=runtime)
     if bits:
         assert isinstance(model.model.language_model.layers[0].mlp.up_proj, __import__("mlx.nn").nn.QuantizedLinear)
