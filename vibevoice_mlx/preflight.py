@@ -21,6 +21,24 @@ _OVERHEAD_BYTES = 1 << 30
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
+def is_realtime(model) -> bool:
+    """Whether `model` is VibeVoice-Realtime-0.5B, from its config.json alone (of a hub repo, that one file), so
+    `say` and `batch` check the script, the voices and the options the realtime way before anything is loaded."""
+    from .checkpoint import read_json
+    from .hub import is_repo_id, resolve
+    from .models import REALTIME, family
+
+    folder = Path(model).expanduser()
+    try:
+        if not folder.is_dir():
+            if not is_repo_id(str(model)):
+                return False
+            folder = resolve(str(model), allow_patterns=["config.json"])
+        return family(read_json(folder / "config.json")) == REALTIME
+    except (KeyError, UserError):  # not found, not readable, another model: the 1.5B path says what is wrong
+        return False
+
+
 def prompt_lengths(tokenizer, tokens, items, frames_per_voice: Sequence[int], num_speakers: int) -> List[int]:
     """Token count of every segment's prompt (the processor's layout, no weights needed)."""
     from .processor import Pause, build_prompt

@@ -144,7 +144,9 @@ def say(ctx, text, file, model, voices, save_voices, output, force, play, chunk,
             if text or file is not None:
                 raise CLIError("Give the script as an argument, with --file or with --stdin: one of them.")
             file = "-"
-        if _is_realtime(model):
+        from .preflight import is_realtime
+
+        if is_realtime(model):
             status = _say_realtime(text, file, model, list(voices), list(save_voices), Path(output), force, play,
                                   quiet, options, run)
         else:
@@ -152,24 +154,6 @@ def say(ctx, text, file, model, voices, save_voices, output, force, play, chunk,
                           options, run)
     if status:
         ctx.exit(status)
-
-
-def _is_realtime(model) -> bool:
-    """Whether `model` is VibeVoice-Realtime-0.5B, from its config.json alone (of a hub repo, that one file), so the
-    script, the voice and the options are checked the realtime way before anything is loaded."""
-    from .checkpoint import read_json
-    from .hub import is_repo_id, resolve
-    from .models import REALTIME, family
-
-    folder = Path(model).expanduser()
-    try:
-        if not folder.is_dir():
-            if not is_repo_id(str(model)):
-                return False
-            folder = resolve(str(model), allow_patterns=["config.json"])
-        return family(read_json(folder / "config.json")) == REALTIME
-    except (KeyError, UserError):  # not found, not readable, another model: the 1.5B path says what is wrong
-        return False
 
 
 def _say(text, file, model, voices, save_voices, out, force, play, quiet, options, run) -> int:
