@@ -222,3 +222,28 @@ def test_stdin_with_the_1_5b_reads_the_whole_script(tiny, tmp_path, monkeypatch)
                                   "--stdin", "-o", str(out)], input=b"Speaker 1: Hello.")
     assert r.exit_code == 0, r.output
     assert sf.info(out).frames > 0
+
+
+def test_a_text_past_the_context_is_cut_with_a_warning(tmp_path, monkeypatch, caplog):
+    from vibevoice_mlx.models.realtime import RealtimeConfig
+    from vibevoice_mlx.testing import realtime_tiny
+
+    _, voice = realtime_tiny(tmp_path)
+    limit = voice.tts_length + 40  # a few windows past the preset
+    monkeypatch.setattr(RealtimeConfig, "max_positions", property(lambda self: limit))
+    monkeypatch.setattr(windows, "default_eos_rule", lambda frame, probability: False)  # only the context stops it
+    out = tmp_path / "long.wav"
+    r = say("la " * 200, "--voice", VOICE, "-o", out)
+    assert r.exit_code == 0, r.output
+    assert 0 < sf.info(out).frames < 40 * 3200
+    assert any("longer than VibeVoice-Realtime-0.5B's context" in m for m in caplog.messages)
+
+
+def test_a_run_that_would_not_fit_in_memory_is_refused_before_loading(tmp_path, monkeypatch):
+    from vibevoice_mlx import preflight
+
+    monkeypatch.setattr(preflight, "available_bytes", lambda: 100 << 20)  # 100 MB free
+    out = tmp_path / "a.wav"
+    r = say(TEXT, "--voice", VOICE, "-o", out)
+    assert r.exit_code == 1 and "it would swap" in r.stderr and r.stderr.count("\n") == 1
+    assert not list(tmp_path.glob("a.wav*"))

@@ -118,9 +118,10 @@ def estimate(ckpt: Checkpoint, config, dtype: str, max_tokens: int, batch: int =
                     weights += n * (4 if stored in ("U32", "uint32") else size)
                 else:
                     weights += n * size
-    d = config.decoder_config
-    head_dim = d.hidden_size // d.num_attention_heads
-    kv = 2 * d.num_hidden_layers * d.num_key_value_heads * head_dim * size  # K and V per token per row
+    # the realtime model has two LMs (lower and TTS), each with its cache; VibeVoice one
+    lms = (config.lower, config.tts) if hasattr(config, "tts") else (config.decoder_config,)
+    kv = sum(2 * d.num_hidden_layers * d.num_key_value_heads * (d.hidden_size // d.num_attention_heads) * size
+             for d in lms)  # K and V per token per row
     return MemoryEstimate(weights, kv * 2 * batch * max_tokens)
 
 

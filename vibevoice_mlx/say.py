@@ -310,8 +310,9 @@ def _generate(pipe, script, out, voices, voice_inputs, save_voices, force, playe
             click.echo(f"Interrupted ({signal.Signals(status - 128).name}) before any audio was made; nothing was "
                        "written.", err=True)
             return status
+        voice = "another preset" if getattr(pipe, "family", None) == REALTIME else "a voice sample"
         raise UserError("The model produced no audio for this script (see the warnings above); nothing was "
-                        "written. Try another --seed, a voice sample, or rephrase the script.")
+                        f"written. Try another --seed, {voice}, or rephrase the script.")
     if status:
         click.echo(f"Interrupted ({signal.Signals(status - 128).name}): kept the {writer.seconds:.2f} s made so far "
                    f"in {out} (seed {last.seed})", err=True)
@@ -398,6 +399,7 @@ def _say_realtime(text, file, model, voices, save_voices, out, force, play, quie
     from .generation import GenerationConfig
     from .loader import inspect, load
     from .output import check_output_path, output_format
+    from .preflight import check_memory, default_dtype_name
     from .preset_store import load_voice_preset, resolve_voice
     from .presets import PresetShape
     from .realtime_api import _one_voice
@@ -428,6 +430,8 @@ def _say_realtime(text, file, model, voices, save_voices, out, force, play, quie
     ckpt, config, tok, _ = inspect(model, tokenizer)
     voice = resolve_voice(_one_voice(voices))  # a name, .pt or .safetensors; audio and other sizes refused here
     load_voice_preset(voice, shape=PresetShape.from_config(config.raw))
+    if not force:
+        check_memory(ckpt, config, dtype or default_dtype_name(), config.max_positions)
     script = _warn_speaker_labels([script] if isinstance(script, str) else script)
     if run["dry_run"]:
         ids = text_ids(tok, "".join(script))
