@@ -166,7 +166,8 @@ def test_options_that_do_not_apply_are_refused_in_one_line(args, match, tmp_path
     out = tmp_path / "a.wav"
     r = say(TEXT, *args, "-o", out)
     assert r.exit_code != 0 and match in r.stderr, r.output
-    assert "Traceback" not in r.output and not list(tmp_path.glob("a.wav*")) and not (tmp_path / "x.safetensors").exists()
+    assert "Traceback" not in r.output and not list(tmp_path.glob("a.wav*"))
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 # --- --stdin: the text spoken as it arrives ---
@@ -247,3 +248,31 @@ def test_a_run_that_would_not_fit_in_memory_is_refused_before_loading(tmp_path, 
     r = say(TEXT, "--voice", VOICE, "-o", out)
     assert r.exit_code == 1 and "it would swap" in r.stderr and r.stderr.count("\n") == 1
     assert not list(tmp_path.glob("a.wav*"))
+
+
+def test_play_streams_each_frame_and_formats_follow_the_extension(forced, tmp_path, monkeypatch):
+    import types
+
+    played = []
+
+    class Stream:
+        def __init__(self, samplerate, channels, dtype):
+            assert (samplerate, channels, dtype) == (24000, 1, "float32")
+
+        def start(self):
+            pass
+
+        def write(self, block):
+            played.append(block.shape)
+
+        def stop(self):
+            played.append("stop")
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "sounddevice", types.SimpleNamespace(OutputStream=Stream))
+    r = say(TEXT, "--voice", VOICE, "-o", tmp_path / "p.flac", "--play")
+    assert r.exit_code == 0, r.output
+    assert played == [(3200, 1)] * FRAMES + ["stop"]
+    assert sf.info(tmp_path / "p.flac").format == "FLAC" and sf.info(tmp_path / "p.flac").frames == FRAMES * 3200
