@@ -276,3 +276,17 @@ def test_play_streams_each_frame_and_formats_follow_the_extension(forced, tmp_pa
     assert r.exit_code == 0, r.output
     assert played == [(3200, 1)] * FRAMES + ["stop"]
     assert sf.info(tmp_path / "p.flac").format == "FLAC" and sf.info(tmp_path / "p.flac").frames == FRAMES * 3200
+
+
+def test_stdin_bytes_are_decoded_as_they_come(forced, pipe, tmp_path):
+    """A byte-order mark is dropped, as from a file; bytes that are not UTF-8 are one line, and no output."""
+    r = CliRunner().invoke(main, ["say", *MODEL, "--stdin", "--voice", VOICE, "-o", str(tmp_path / "bom.wav"),
+                                  "--seed", "1"], input="\ufeff".encode() + TEXT.encode())
+    assert r.exit_code == 0, r.output
+    want = vv.generate(pipe, TEXT, VOICE, seed=1, eos_rule=lambda f, p: f >= FRAMES - 1)
+    np.testing.assert_allclose(sf.read(tmp_path / "bom.wav", dtype="float32")[0], np.clip(want.audio, -1, 1),
+                               atol=2 / 32768)
+    r = CliRunner().invoke(main, ["say", *MODEL, "--stdin", "--voice", VOICE, "-o", str(tmp_path / "bad.wav")],
+                           input=b"caf\xe9 " * 3)
+    assert r.exit_code == 1 and "stdin is not UTF-8 text" in r.stderr and r.stderr.count("\n") == 1
+    assert not (tmp_path / "bad.wav").exists()  # a failed run leaves the final name alone (output.AudioWriter)

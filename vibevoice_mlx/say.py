@@ -159,7 +159,6 @@ def say(ctx, text, file, model, voices, save_voices, output, force, play, chunk,
 def _say(text, file, model, voices, save_voices, out, force, play, quiet, options, run) -> int:
     from .audio import check_saved_voice_path
     from .generation import GenerationConfig
-    from .output import check_output_path, output_format
     from .processor import parse_script, script_speakers
     from .voices import read_voice
 
@@ -169,13 +168,7 @@ def _say(text, file, model, voices, save_voices, out, force, play, quiet, option
     items = parse_script(script)
     speakers = script_speakers(items)
     parse_chunk(run["chunk"])
-    run["stdout"] = str(out) == "-"
-    if run["stdout"] and not run["dry_run"]:
-        out = _StdoutWriter()
-    elif not run["stdout"]:
-        if not run["dry_run"]:
-            check_output_path(out, force)
-        output_format(out)
+    out = _checked_output(out, force, run)
     if len(save_voices) > len(voices):
         raise UserError(f"{len(save_voices)} --save-voice paths for {len(voices)} --voice files: give one per voice.")
     for i, target in enumerate(save_voices):
@@ -221,6 +214,21 @@ def _say(text, file, model, voices, save_voices, out, force, play, quiet, option
         if player is not None:
             player.stop()
             player.close()
+
+
+def _checked_output(out, force, run):
+    """The output checked before anything slow: a path that may be written (its format known), or `-o -`'s
+    stdout writer; `run["stdout"]` says which."""
+    from .output import check_output_path, output_format
+
+    run["stdout"] = str(out) == "-"
+    if run["stdout"] and not run["dry_run"]:
+        return _StdoutWriter()
+    if not run["stdout"]:
+        if not run["dry_run"]:
+            check_output_path(out, force)
+        output_format(out)
+    return out
 
 
 def _load_checked(model, backend, device, dtype, attention, tokenizer, script, speakers, voice_inputs, force, run):
@@ -361,7 +369,7 @@ def _stdin_pieces():
     character split between two reads waiting for its second half."""
     import codecs
 
-    decoder = codecs.getincrementaldecoder("utf-8")()
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()  # a byte-order mark is not text
     try:
         for data in iter(lambda: sys.stdin.buffer.read1(4096), b""):
             text = decoder.decode(data)
@@ -398,7 +406,6 @@ def _say_realtime(text, file, model, voices, save_voices, out, force, play, quie
     are refused."""
     from .generation import GenerationConfig
     from .loader import inspect, load
-    from .output import check_output_path, output_format
     from .preflight import check_memory, default_dtype_name
     from .preset_store import load_voice_preset, resolve_voice
     from .presets import PresetShape
@@ -418,13 +425,7 @@ def _say_realtime(text, file, model, voices, save_voices, out, force, play, quie
         raise UserError(f"{', '.join(other)}: only VibeVoice 1.5B/7B take this; VibeVoice-Realtime-0.5B chooses no "
                         "tokens, takes no voice audio and cuts a text past its context itself: leave it out.")
     script = _stdin_pieces() if file == "-" else _read_script(text, file)
-    run["stdout"] = str(out) == "-"
-    if run["stdout"] and not run["dry_run"]:
-        out = _StdoutWriter()
-    elif not run["stdout"]:
-        if not run["dry_run"]:
-            check_output_path(out, force)
-        output_format(out)
+    out = _checked_output(out, force, run)
     generate_options = {k: v for k, v in options.items() if v is not None}
     GenerationConfig(**generate_options)  # every option checked now, not after loading
     ckpt, config, tok, _ = inspect(model, tokenizer)
