@@ -42,3 +42,18 @@ def test_every_option_of_say_is_named():
             continue
         named = [o for o in param.opts if re.search(rf"(?<![\w-]){re.escape(o)}(?![\w-])", README)]
         assert named, f"README.md names none of {param.opts}"
+
+
+def test_try_the_tiny_realtime_model_runs_as_written(tmp_path):
+    shutil.copytree(ROOT / "tests" / "data" / "realtime_tiny", tmp_path / "tests" / "data" / "realtime_tiny")
+    bin_dir = str(Path(sys.executable).parent)
+    env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""),
+               VIBEVOICE_MLX_CACHE=str(tmp_path / "cache"))  # the .pt is converted into a cache of the test's own
+    r = subprocess.run(["bash", "-e", "-c", _block_after("try-realtime-tiny")], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for name in ("tiny-rt.wav", "tiny-pipe.wav"):
+        info = sf.info(tmp_path / name)
+        assert info.samplerate == 24000 and 0 < info.frames <= 2 * 24000 and info.frames % 3200 == 0
+    assert "10 frames, 1.33 s" in r.stdout
+    assert "is a different model and is not" not in README

@@ -19,6 +19,8 @@ from .batch_jobs import Job, is_finished, log_event, parse_shard, prepare, read_
 from .batch_run import BUSY, DONE, FAILED, MAX_BATCH, SKIPPED, Outcome, Runner
 from .checkpoint import model_identity
 from .errors import CLIError, UserError, user_errors
+from .models import REALTIME
+from .preflight import is_realtime
 
 
 def launched_rank() -> Tuple[int, int]:
@@ -118,7 +120,11 @@ def batch(ctx, manifest, out_dir, model, dtype, tokenizer, batch_size, batch_inv
     quiet = (ctx.obj or {}).get("quiet", False)
     started = time.perf_counter()
     with user_errors():
-        jobs = read_manifest(manifest, defaults)
+        realtime = is_realtime(model)
+        if realtime and any(defaults.get(k) is not None for k in ("temperature", "top_p")):
+            raise UserError("--temperature and --top-p only apply to VibeVoice 1.5B/7B, not to "
+                            "VibeVoice-Realtime-0.5B (it chooses no tokens): leave them out.")
+        jobs = read_manifest(manifest, defaults, realtime=realtime)
         shard_spec = parse_shard(shard) if shard is not None else None
         rank = launched_rank()
         writable_folder(out_dir)
@@ -127,6 +133,8 @@ def batch(ctx, manifest, out_dir, model, dtype, tokenizer, batch_size, batch_inv
     if not quiet:
         click.echo(f"{where}{len(mine)} of {len(jobs)} jobs from {manifest}", err=True)
     run = {"model": model_identity(model), "dtype": dtype, "force_frames": force_frames}  # not the path's spelling
+    if realtime:
+        run["family"] = REALTIME  # jobs' voices are presets
     todo, outcomes = plan(mine, out_dir, run)
     for o in outcomes:
         _report(o, quiet)

@@ -11,6 +11,9 @@ A manifest is JSON Lines, one job per line:
 any format `say` writes, under the output folder) and the generation options `steps`, `cfg_scale`,
 `temperature`, `top_p`, `max_seconds` are optional. Relative paths are read from the manifest's folder.
 
+For VibeVoice-Realtime-0.5B a job's script is plain text and `voices` holds at most one voice preset: a name
+(`"en-Davis_man"`), a `.pt` or a `.safetensors` (default: `en-Carter_man`); `temperature` and `top_p` do not apply.
+
 A finished job is its output plus a sidecar `<output>.json` whose settings (what decides the audio: the script,
 the voices' bytes, the seed, the options, the model) match the job's; both are written atomically (a temporary
 file, then `os.replace`), the audio first, so a job killed at any moment is either finished or not started.
@@ -30,6 +33,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .constants import check_option
 from .errors import UserError
+from .models import REALTIME
 
 try:
     import fcntl
@@ -89,8 +93,17 @@ def _check_output(name, where: str) -> str:
     return p.as_posix()
 
 
-def parse_job(obj, line: int, where: str, base: Path, defaults: Dict[str, Any]) -> Job:
-    """One manifest line's object -> Job; a mistake is a one-line UserError starting with `where`."""
+def _voice_path(voice: str, base: Path, realtime: bool) -> str:
+    """A voice file relative to the manifest's folder; a realtime preset name stays a name."""
+    path = base / voice
+    if realtime and not Path(voice).suffix and not path.exists():
+        return voice
+    return str(path)
+
+
+def parse_job(obj, line: int, where: str, base: Path, defaults: Dict[str, Any], realtime: bool = False) -> Job:
+    """One manifest line's object -> Job; a mistake is a one-line UserError starting with `where`. `realtime`: the
+    jobs are for VibeVoice-Realtime-0.5B (one preset voice, no token sampling)."""
     if not isinstance(obj, dict):
         raise UserError(f"{where}: a job must be a JSON object, got {type(obj).__name__}.")
     unknown = sorted(set(obj) - set(KEYS))
@@ -120,12 +133,22 @@ def parse_job(obj, line: int, where: str, base: Path, defaults: Dict[str, Any]) 
         if key in obj:
             _check(key, obj[key], where)
             options[key] = obj[key]
+    if realtime:
+        other = [k for k in ("temperature", "top_p") if k in options]
+        if other:
+            raise UserError(f"{where}: {', '.join(other)} only apply to VibeVoice 1.5B/7B, not to "
+                            "VibeVoice-Realtime-0.5B (it chooses no tokens): leave it out.")
+        if len(voices) > 1:
+            raise UserError(f"{where}: VibeVoice-Realtime-0.5B speaks in one voice per script; got {len(voices)}: "
+                            "give one preset name or file.")
     output = _check_output(obj.get("output", f"{job_id}.wav"), where)
-    return Job(job_id, line, output, int(seed), script, file, [str(base / v) for v in voices], options)
+    return Job(job_id, line, output, int(seed), script, file, [_voice_path(v, base, realtime) for v in voices],
+               options)
 
 
-def read_manifest(path, defaults: Optional[Dict[str, Any]] = None) -> List[Job]:
-    """All jobs of a JSON Lines manifest, checked before anything runs (blank lines are skipped)."""
+def read_manifest(path, defaults: Optional[Dict[str, Any]] = None, realtime: bool = False) -> List[Job]:
+    """All jobs of a JSON Lines manifest, checked before anything runs (blank lines are skipped); `realtime`: for
+    VibeVoice-Realtime-0.5B."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
@@ -148,7 +171,7 @@ def read_manifest(path, defaults: Optional[Dict[str, Any]] = None) -> List[Job]:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
             raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno}).") from None
-        job = parse_job(obj, number, where, base, defaults or {})
+        job = parse_job(obj, number, where, base, defaults or {}, realtime)
         if job.id in ids:
             raise UserError(f"{where}: id {job.id!r} is already used on line {ids[job.id]}.")
         if job.output.lower() in outputs:
@@ -177,14 +200,20 @@ def _sha256(path: Path) -> str:
 
 
 def prepare(job: Job, run: Dict[str, Any]) -> Job:
-    """Read the job's script and hash its voices; `run` holds the settings shared by all jobs (model, dtype, ...).
-    A missing or unreadable file, or a script the processor refuses, is a UserError for this job alone."""
+    """Read the job's script and hash its voices; `run` holds the settings shared by all jobs (model, dtype, ...;
+    `family` for VibeVoice-Realtime-0.5B, whose voice is a preset: resolved here, audio refused). A missing or
+    unreadable file, or a script the processor refuses, is a UserError for this job alone."""
     from .audio import check_input_file
     from .processor import parse_script, read_script_file
 
     if job.script is None:
         job.script = read_script_file(job.file)
-    parse_script(job.script)
+    if run.get("family") == REALTIME:
+        from .preset_store import resolve_voice
+
+        job.voices = [str(resolve_voice(v)) for v in job.voices]  # a name is fetched and converted once, here
+    else:
+        parse_script(job.script)
     voices = []
     for v in job.voices:
         check_input_file(v, "Voice file", pipe_ok=False)  # read twice: hashed here, decoded when made

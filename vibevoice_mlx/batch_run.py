@@ -11,6 +11,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .batch_jobs import Job, claim, is_finished, log_event, release, write_outputs
 from .errors import UserError
+from .models import REALTIME
 
 logger = logging.getLogger(__name__)
 
@@ -84,10 +85,16 @@ class Runner:
             folder = model_folder(self.model, dtype=self.dtype, tokenizer=self.tokenizer)
             self._pipe = load(folder, dtype=self.dtype, tokenizer=self.tokenizer,
                               max_batch=self.batch_size or MAX_BATCH, batch_invariant=self.batch_invariant)
-            if self.batch_size is None:
+            if self.batch_size is None and self.realtime:
+                self.batch_size = self._pipe.max_batch
+            elif self.batch_size is None:
                 self.batch_size = self._pipe.backend.max_batch = default_batch_size(self._pipe)
                 logger.info("Batch size %d (from this machine's memory; --batch-size sets it)", self.batch_size)
         return self._pipe
+
+    @property
+    def realtime(self) -> bool:
+        return getattr(self.pipe, "family", None) == REALTIME
 
     def run(self, jobs: Sequence[Job]) -> Iterator[Outcome]:
         """Jobs with the same steps and cfg scale (a batch shares them) are generated together, in order."""
@@ -168,9 +175,13 @@ class Runner:
         shared = {k: jobs[0].options[k] for k in ("steps", "cfg_scale") if jobs[0].options.get(k) is not None}
         per_script = {k: [j.options.get(k, getattr(base, k)) for j in jobs]
                       for k in ("temperature", "top_p", "max_seconds")}
-        sampler = [forced_frames(self.force_frames) for _ in jobs] if self.force_frames else None
+        forced = {}
+        if self.force_frames and self.realtime:  # `frames` frames, then the stop
+            forced["eos_rule"] = lambda frame, probability, n=self.force_frames: frame >= n - 1
+        elif self.force_frames:
+            forced["sampler"] = [forced_frames(self.force_frames) for _ in jobs]
         return generate_batch(pipe, [j.script for j in jobs], [j.voices or None for j in jobs],
-                              seed=[j.seed for j in jobs], sampler=sampler, **per_script, **shared)
+                              seed=[j.seed for j in jobs], **forced, **per_script, **shared)
 
     def _actual(self, job: Job) -> Dict:
         from .generation import GenerationConfig

@@ -21,6 +21,24 @@ _OVERHEAD_BYTES = 1 << 30
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
+def is_realtime(model) -> bool:
+    """Whether `model` is VibeVoice-Realtime-0.5B, from its config.json alone (of a hub repo, that one file), so
+    `say` and `batch` check the script, the voices and the options the realtime way before anything is loaded."""
+    from .checkpoint import read_json
+    from .hub import is_repo_id, resolve
+    from .models import REALTIME, family
+
+    folder = Path(model).expanduser()
+    try:
+        if not folder.is_dir():
+            if not is_repo_id(str(model)):
+                return False
+            folder = resolve(str(model), allow_patterns=["config.json"])
+        return family(read_json(folder / "config.json")) == REALTIME
+    except (KeyError, UserError):  # not found, not readable, another model: the 1.5B path says what is wrong
+        return False
+
+
 def prompt_lengths(tokenizer, tokens, items, frames_per_voice: Sequence[int], num_speakers: int) -> List[int]:
     """Token count of every segment's prompt (the processor's layout, no weights needed)."""
     from .processor import Pause, build_prompt
@@ -100,9 +118,10 @@ def estimate(ckpt: Checkpoint, config, dtype: str, max_tokens: int, batch: int =
                     weights += n * (4 if stored in ("U32", "uint32") else size)
                 else:
                     weights += n * size
-    d = config.decoder_config
-    head_dim = d.hidden_size // d.num_attention_heads
-    kv = 2 * d.num_hidden_layers * d.num_key_value_heads * head_dim * size  # K and V per token per row
+    # the realtime model has two LMs (lower and TTS), each with its cache; VibeVoice one
+    lms = (config.lower, config.tts) if hasattr(config, "tts") else (config.decoder_config,)
+    kv = sum(2 * d.num_hidden_layers * d.num_key_value_heads * (d.hidden_size // d.num_attention_heads) * size
+             for d in lms)  # K and V per token per row
     return MemoryEstimate(weights, kv * 2 * batch * max_tokens)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 
 from .errors import CLIError, Interrupted, UserError, user_errors
+from .models import REALTIME
 from .notices import once_per_run
 
 logger = logging.getLogger(__name__)
@@ -128,16 +129,29 @@ def _signals_interrupt():
 @click.option("--chunk", default="auto", show_default=True,
               help="Long scripts: auto (split only what does not fit), off, or a limit per part such as 250w "
                    "(words) or 1500t (prompt tokens).")
+@click.option("--stdin", "from_stdin", is_flag=True,
+              help="Read the text from stdin; VibeVoice-Realtime-0.5B speaks it as it arrives (1.5B/7B: read whole).")
 @click.option("--dry-run", is_flag=True, help="Print the parts, token counts and estimated length; load no weights.")
 @click.option("--no-resume", is_flag=True, help="Start a split script over instead of continuing its finished parts.")
 @click.pass_context
-def say(ctx, text, file, model, voices, save_voices, output, force, play, chunk, dry_run, no_resume, **options):
-    """Speak TEXT (or --file) into an audio file, writing it as the audio is produced."""
+def say(ctx, text, file, model, voices, save_voices, output, force, play, chunk, from_stdin, dry_run, no_resume,
+        **options):
+    """Speak TEXT (or --file, or --stdin) into an audio file, writing it as the audio is produced."""
     quiet = bool((ctx.find_root().obj or {}).get("quiet"))
     run = {"chunk": chunk, "dry_run": dry_run, "resume": not no_resume}
     with user_errors(), once_per_run():  # checked here, then read again by generation: warned about once
-        status = _say(text, file, model, list(voices), list(save_voices), Path(output), force, play, quiet, options,
-                      run)
+        if from_stdin:
+            if text or file is not None:
+                raise CLIError("Give the script as an argument, with --file or with --stdin: one of them.")
+            file = "-"
+        from .preflight import is_realtime
+
+        if is_realtime(model):
+            status = _say_realtime(text, file, model, list(voices), list(save_voices), Path(output), force, play,
+                                  quiet, options, run)
+        else:
+            status = _say(text, file, model, list(voices), list(save_voices), Path(output), force, play, quiet,
+                          options, run)
     if status:
         ctx.exit(status)
 
@@ -145,7 +159,6 @@ def say(ctx, text, file, model, voices, save_voices, output, force, play, chunk,
 def _say(text, file, model, voices, save_voices, out, force, play, quiet, options, run) -> int:
     from .audio import check_saved_voice_path
     from .generation import GenerationConfig
-    from .output import check_output_path, output_format
     from .processor import parse_script, script_speakers
     from .voices import read_voice
 
@@ -155,13 +168,7 @@ def _say(text, file, model, voices, save_voices, out, force, play, quiet, option
     items = parse_script(script)
     speakers = script_speakers(items)
     parse_chunk(run["chunk"])
-    run["stdout"] = str(out) == "-"
-    if run["stdout"] and not run["dry_run"]:
-        out = _StdoutWriter()
-    elif not run["stdout"]:
-        if not run["dry_run"]:
-            check_output_path(out, force)
-        output_format(out)
+    out = _checked_output(out, force, run)
     if len(save_voices) > len(voices):
         raise UserError(f"{len(save_voices)} --save-voice paths for {len(voices)} --voice files: give one per voice.")
     for i, target in enumerate(save_voices):
@@ -207,6 +214,21 @@ def _say(text, file, model, voices, save_voices, out, force, play, quiet, option
         if player is not None:
             player.stop()
             player.close()
+
+
+def _checked_output(out, force, run):
+    """The output checked before anything slow: a path that may be written (its format known), or `-o -`'s
+    stdout writer; `run["stdout"]` says which."""
+    from .output import check_output_path, output_format
+
+    run["stdout"] = str(out) == "-"
+    if run["stdout"] and not run["dry_run"]:
+        return _StdoutWriter()
+    if not run["stdout"]:
+        if not run["dry_run"]:
+            check_output_path(out, force)
+        output_format(out)
+    return out
 
 
 def _load_checked(model, backend, device, dtype, attention, tokenizer, script, speakers, voice_inputs, force, run):
@@ -296,12 +318,16 @@ def _generate(pipe, script, out, voices, voice_inputs, save_voices, force, playe
             click.echo(f"Interrupted ({signal.Signals(status - 128).name}) before any audio was made; nothing was "
                        "written.", err=True)
             return status
+        voice = "another preset" if getattr(pipe, "family", None) == REALTIME else "a voice sample"
         raise UserError("The model produced no audio for this script (see the warnings above); nothing was "
-                        "written. Try another --seed, a voice sample, or rephrase the script.")
+                        f"written. Try another --seed, {voice}, or rephrase the script.")
     if status:
         click.echo(f"Interrupted ({signal.Signals(status - 128).name}): kept the {writer.seconds:.2f} s made so far "
                    f"in {out} (seed {last.seed})", err=True)
         return status
+    if last is not None and last.truncated and getattr(pipe, "family", None) == REALTIME:
+        logger.warning("Cut short at --max-seconds." if "max_seconds" in options else "The text is longer than "
+                       "VibeVoice-Realtime-0.5B's context (8192 positions): the rest was cut; speak it in parts.")
     if last is not None and not quiet:
         click.echo(f"Wrote {out}: {last.audio_seconds:.2f} s of audio in {last.elapsed:.1f} s "
                    f"({last.real_time_factor:.2f}x real time, peak memory {last.peak_memory_gb:.2f} GB, seed "
@@ -336,6 +362,95 @@ def _generate_parts(pipe, parts, script, out, voices, voice_inputs, save_voices,
         click.echo(f"Wrote {out}: {seconds:.2f} s of audio in {len(parts)} parts, {elapsed:.1f} s "
                    f"({seconds / elapsed if elapsed else 0:.2f}x real time, seed {seed})", err=True)
     return 0
+
+
+def _stdin_pieces():
+    """stdin's text as it arrives (`some-llm ... | vibevoice-mlx say --stdin`): UTF-8 decoded piece by piece, a
+    character split between two reads waiting for its second half."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()  # a byte-order mark is not text
+    try:
+        for data in iter(lambda: sys.stdin.buffer.read1(4096), b""):
+            text = decoder.decode(data)
+            if text:
+                yield text
+        tail = decoder.decode(b"", final=True)
+    except UnicodeDecodeError as e:
+        raise UserError(f"stdin is not UTF-8 text ({e.reason} at byte {e.start} of a read): give text.") from None
+    if tail:
+        yield tail
+
+
+def _warn_speaker_labels(pieces):
+    """The pieces as they are; a warning, once, when they look like a speaker script (this model has one voice)."""
+    from .notices import warn_once
+    from .processor import _BRACKET_RE, _SPEAKER_RE
+
+    head = ""
+    for piece in pieces:
+        if head is not None:
+            head += piece
+            if any(_SPEAKER_RE.match(line.strip()) or _BRACKET_RE.match(line.strip()) for line in head.splitlines()):
+                warn_once(logger, "The text looks like a speaker script (Speaker N: ...), but VibeVoice-Realtime-0.5B "
+                          "speaks everything in its one voice, the labels included: give plain text.")
+                head = None
+            elif len(head) > 4096:  # looked far enough
+                head = None
+        yield piece
+
+
+def _say_realtime(text, file, model, voices, save_voices, out, force, play, quiet, options, run) -> int:
+    """`say` for VibeVoice-Realtime-0.5B: plain text (or pieces read from stdin as they arrive) in one voice preset.
+    The voice is resolved and checked against the model's size before the weights load; options of the 1.5B/7B
+    are refused."""
+    from .generation import GenerationConfig
+    from .loader import inspect, load
+    from .preflight import check_memory, default_dtype_name
+    from .preset_store import load_voice_preset, resolve_voice
+    from .presets import PresetShape
+    from .realtime_api import _one_voice
+    from .text_stream import text_ids
+
+    backend, device, dtype = options.pop("backend"), options.pop("device"), options.pop("dtype")
+    attention, tokenizer = options.pop("attention"), options.pop("tokenizer")
+    if backend == "torch":
+        raise UserError("VibeVoice-Realtime-0.5B has no PyTorch implementation to run (transformers has none yet): "
+                        "drop --backend torch.")
+    other = [name for name, given in (("--temperature", options.pop("temperature") != 0.0),
+                                      ("--top-p", options.pop("top_p") != 1.0), ("--save-voice", bool(save_voices)),
+                                      ("--chunk", run["chunk"] != "auto"), ("--device", device != "auto"),
+                                      ("--attention", attention != "auto")) if given]
+    if other:
+        raise UserError(f"{', '.join(other)}: only VibeVoice 1.5B/7B take this; VibeVoice-Realtime-0.5B chooses no "
+                        "tokens, takes no voice audio and cuts a text past its context itself: leave it out.")
+    script = _stdin_pieces() if file == "-" else _read_script(text, file)
+    out = _checked_output(out, force, run)
+    generate_options = {k: v for k, v in options.items() if v is not None}
+    GenerationConfig(**generate_options)  # every option checked now, not after loading
+    ckpt, config, tok, _ = inspect(model, tokenizer)
+    voice = resolve_voice(_one_voice(voices))  # a name, .pt or .safetensors; audio and other sizes refused here
+    load_voice_preset(voice, shape=PresetShape.from_config(config.raw))
+    if not force:
+        check_memory(ckpt, config, dtype or default_dtype_name(), config.max_positions)
+    script = _warn_speaker_labels([script] if isinstance(script, str) else script)
+    if run["dry_run"]:
+        ids = text_ids(tok, "".join(script))
+        click.echo(f"1 part: {len(ids)} text tokens in voice {_one_voice(voices)}; no weights loaded.")
+        return 0
+    player = _player() if play else None
+    try:
+        with _signals_interrupt(), redirect_stdout(sys.stderr) if isinstance(out, _StdoutWriter) else nullcontext():
+            try:
+                pipe = load(ckpt.folder, dtype=dtype, tokenizer=tokenizer)
+            except Interrupted as e:
+                click.echo(f"Interrupted ({e}) while loading the model; nothing was written.", err=True)
+                return e.status
+            return _generate(pipe, script, out, voices, [str(voice)], [], force, player, quiet, generate_options)
+    finally:
+        if player is not None:
+            player.stop()
+            player.close()
 
 
 def _player():
