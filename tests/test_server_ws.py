@@ -8,6 +8,7 @@ whatever the delta boundaries. The 1.5B server is the shared tiny one: it speaks
 import base64
 import json
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -207,3 +208,57 @@ def test_a_client_that_leaves_mid_stream_frees_its_row(rt_server, rt_pipe):
         send(ws, type="session.close")
         audio, _ = utterance(ws, timeout=60)
     assert audio == realtime_reference(rt_pipe, "Next.", 5)
+
+
+def test_sigterm_during_streaming_drains_then_closes(tmp_path, rt_pipe, monkeypatch):
+    (tmp_path / "cache" / "realtime-voices").mkdir(parents=True)
+    shutil.copy(REALTIME / "voice.pt", tmp_path / "cache" / "realtime-voices" / "test_voice.pt")
+    monkeypatch.setenv("VIBEVOICE_MLX_CACHE", str(tmp_path / "cache"))
+    server = sh.ServerProcess(REALTIME / "model", tmp_path / "voices", tmp_path, "--tokenizer",
+                              str(REALTIME / "tokenizer"), "--grace", "20").wait_ready()
+    try:
+        with connect(ws_url(server)) as ws:
+            send(ws, type="session.config", voice="test_voice", seed=6)
+            ws.recv(timeout=30)
+            send(ws, type="input.text", text="Pending text that is spoken")
+            time.sleep(0.5)
+            server.terminate()
+            audio, done = utterance(ws)  # what was pending is spoken, then the session ends
+            messages, code = closing(ws)
+        assert audio == realtime_reference(rt_pipe, "Pending text that is spoken", 6)
+        assert [m["code"] for m in messages] == ["shutting_down"] and code == 1001
+        assert server.proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
+        assert "Traceback" not in server.log()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def server15(tiny, tmp_path_factory):
+    return sh.shared_server(tiny, tmp_path_factory)
+
+
+def test_15b_speaks_sentence_by_sentence(server15, tiny, tmp_path_factory):
+    pipe = sh.pipe(tiny, tmp_path_factory.mktemp("ref"))
+    with connect(ws_url(server15)) as ws:
+        send(ws, type="session.config", model="tts-1", seed=3, max_seconds=sh.seconds_for(3),
+             audio_transport="base64")
+        assert json.loads(ws.recv(timeout=30))["type"] == "session.created"
+        for piece in ["Speaker 1: First sent", "ence. Speaker 1: Sec", "ond one"]:
+            send(ws, type="input.text", text=piece)
+        send(ws, type="input.done")
+        audio, done = utterance(ws)
+        send(ws, type="session.close")
+        messages, code = closing(ws)
+    want = [sh.reference_pcm(pipe, s, 3, 3) for s in ("Speaker 1: First sentence.", "Speaker 1: Second one")]
+    assert np.array_equal(np.frombuffer(audio, "<i2"), np.concatenate(want))
+    assert done["usage"]["characters"] == len("Speaker 1: First sentence. Speaker 1: Second one")
+    assert done["usage"]["audio_seconds"] == pytest.approx(2 * sh.seconds_for(3))
+    assert messages == [] and code == 1000
+
+
+def test_15b_unknown_saved_voice(server15):
+    with connect(ws_url(server15)) as ws:
+        send(ws, type="session.config", voice="nobody")
+        messages, code = closing(ws)
+    assert messages[0]["code"] == "unknown_voice" and code == 1008

@@ -31,7 +31,7 @@ from .worker import Job
 logger = logging.getLogger(__name__)
 
 MAX_BEHIND_FRAMES = 256  # audio frames queued for a slow reader before its utterance is stopped
-SENTENCE_END = re.compile(r"[.!?;:\u3002\uff01\uff1f](?=\s)|\n")
+SENTENCE_END = re.compile(r"[.!?\u3002\uff01\uff1f](?=\s)|\n")  # not ':' (a "Speaker 1:" label)
 
 
 class SessionError(Exception):
@@ -49,7 +49,7 @@ def _key_ok(ws: WebSocket, key: Optional[str]) -> bool:
 
 
 def split_sentences(text: str):
-    """(complete sentences, the rest): a sentence ends at . ! ? ; : followed by a space, or at a newline."""
+    """(complete sentences, the rest): a sentence ends at . ! ? followed by a space, or at a newline."""
     sentences, start = [], 0
     for m in SENTENCE_END.finditer(text):
         if text[start:m.end()].strip():
@@ -308,8 +308,11 @@ class Session:
                 if isinstance(payload, SessionError):
                     raise payload
                 message = getattr(payload, "message", None) or str(payload).splitlines()[0]
-                code = "shutting_down" if getattr(payload, "code", None) == "shutting_down" else "internal_error"
-                raise SessionError(code, message, close=1001 if code == "shutting_down" else 1011)
+                if getattr(payload, "code", None) == "shutting_down":
+                    raise SessionError("shutting_down", message, close=1001)
+                if getattr(payload, "status", 500) < 500:  # the library refused the text (a 400 on POST)
+                    raise SessionError("invalid_message", message)
+                raise SessionError("internal_error", message, close=1011)
 
     async def send_json(self, obj: dict):
         await self.ws.send_text(json.dumps(obj, separators=(",", ":")))
