@@ -262,3 +262,15 @@ def test_15b_unknown_saved_voice(server15):
         send(ws, type="session.config", voice="nobody")
         messages, code = closing(ws)
     assert messages[0]["code"] == "unknown_voice" and code == 1008
+
+
+def test_post_speech_with_the_realtime_model_and_its_presets(rt_server, rt_pipe):
+    r = rt_server.speech(input=TEXT, voice="test_voice", seed=9, response_format="pcm")
+    assert r.status == 200, r.body[:300]
+    assert r.body == realtime_reference(rt_pipe, TEXT, 9)
+    bad = rt_server.speech(input=TEXT, voice="nobody", response_format="pcm")
+    assert bad.status == 400 and bad.error["code"] == "voice_not_found"
+    presets = {p["id"]: p for p in rt_server.request("GET", "/v1/voices").json()["presets"]}
+    assert presets["test_voice"] == {"id": "test_voice", "object": "voice.preset", "known": False,
+                                     "downloaded": True}
+    assert presets["en-Carter_man"]["known"] and not presets["en-Carter_man"]["downloaded"]

@@ -124,7 +124,9 @@ def create_app(worker, config: ServerConfig) -> FastAPI:
 
     @app.get("/v1/voices", dependencies=auth)
     async def list_voices():
-        return {"object": "list", "data": await asyncio.to_thread(app.state.voices.list)}
+        """Saved voices (1.5B/7B: cloned from uploads), and the realtime model's presets beside them."""
+        return {"object": "list", "data": await asyncio.to_thread(app.state.voices.list),
+                "presets": await asyncio.to_thread(_presets)}
 
     @app.post("/v1/voices", dependencies=auth, status_code=201)
     async def add_voice(request: Request):
@@ -197,6 +199,14 @@ async def _add_voice(request: Request, worker, config: ServerConfig, store: Voic
             clip.unlink(missing_ok=True)
     finally:
         await form.close()
+
+
+def _presets():
+    """The realtime voice presets: known (Microsoft's) or found in the preset folder, and whether downloaded."""
+    from ..preset_store import list_presets
+
+    return [{"id": r["name"], "object": "voice.preset", "known": r["known"], "downloaded": bool(r["downloaded"])}
+            for r in list_presets()]
 
 
 def _copy(src, dst: Path):

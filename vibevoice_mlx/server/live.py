@@ -34,12 +34,12 @@ class Utterance:
     or ("error", exception), once."""
 
     def __init__(self, voice, seed: int, steps: int, cfg_scale: float, emit: Callable[[str, object], None],
-                 max_frames: Optional[int] = None):
+                 max_frames: Optional[int] = None, cancelled: Optional[threading.Event] = None):
         self.voice, self.seed, self.steps, self.cfg_scale = voice, seed, steps, cfg_scale
         self.emit, self.max_frames = emit, max_frames
         self.deltas: deque = deque()
         self.finished = False  # input.done: the text is complete once the deltas are read
-        self.cancelled = threading.Event()
+        self.cancelled = cancelled or threading.Event()
         self.frames = 0
         self.row = None
         self.stream = None
@@ -70,6 +70,34 @@ class LiveBatch:
         with self._lock:
             self._incoming.append(utt)
         self.wake()
+
+    def submit_job(self, job, pipe) -> None:
+        """POST /v1/audio/speech with the realtime model: a worker `Job` (its whole script, voices [one preset
+        file]) as a finished utterance of this batch, with the Job's events: audio, then ("end", summary) or
+        ("error", e). `worker.cancel(job)` stops it at its next step."""
+        defaults = pipe.defaults
+        seconds = job.max_seconds
+        max_frames = None if seconds is None else max(1, int(seconds * pipe.sample_rate // pipe.hop_length))
+
+        def emit(kind, payload):
+            if kind == "audio":
+                job.frames += 1
+                job.audio_seconds = job.frames * pipe.hop_length / pipe.sample_rate
+                job.emitted = True
+                return job.emit(kind, payload)
+            job.done = True
+            if kind == "end":
+                stopped = payload == "cancelled"
+                payload = {"frames": job.frames, "audio_seconds": job.audio_seconds, "truncated": payload != "eos",
+                           "stopped": stopped}
+            job.emit(kind, payload)
+
+        utt = Utterance(job.voices[0], job.seed, job.steps or defaults["steps"],
+                        float(job.cfg_scale if job.cfg_scale is not None else defaults["cfg_scale"]), emit,
+                        max_frames, cancelled=job.cancelled)
+        utt.feed(job.script)
+        utt.finish()
+        self.add(utt)
 
     @property
     def active(self) -> int:
