@@ -274,3 +274,20 @@ def test_post_speech_with_the_realtime_model_and_its_presets(rt_server, rt_pipe)
     assert presets["test_voice"] == {"id": "test_voice", "object": "voice.preset", "known": False,
                                      "downloaded": True}
     assert presets["en-Carter_man"]["known"] and not presets["en-Carter_man"]["downloaded"]
+
+
+def test_a_session_waiting_for_text_holds_no_one_up(rt_server, rt_pipe):
+    with connect(ws_url(rt_server)) as a, connect(ws_url(rt_server)) as b:
+        send(a, type="session.config", voice="test_voice", seed=11)
+        send(b, type="session.config", voice="test_voice", seed=12)
+        a.recv(timeout=30), b.recv(timeout=30)
+        send(a, type="input.text", text="A slow typist who writes")  # a window and a half: then a wait
+        time.sleep(0.3)
+        send(b, type="input.text", text="Quick one.")
+        send(b, type="input.done")
+        got_b, _ = utterance(b, timeout=30)  # while a still waits for its text
+        send(a, type="input.text", text=" on and on.")
+        send(a, type="input.done")
+        got_a, _ = utterance(a)
+    assert got_b == realtime_reference(rt_pipe, "Quick one.", 12)
+    assert got_a == realtime_reference(rt_pipe, "A slow typist who writes on and on.", 11)
