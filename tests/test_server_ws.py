@@ -291,3 +291,46 @@ def test_a_session_waiting_for_text_holds_no_one_up(rt_server, rt_pipe):
         got_a, _ = utterance(a)
     assert got_b == realtime_reference(rt_pipe, "Quick one.", 12)
     assert got_a == realtime_reference(rt_pipe, "A slow typist who writes on and on.", 11)
+
+
+def test_several_models_in_one_server(tiny, tmp_path, rt_pipe, monkeypatch):
+    (tmp_path / "cache" / "realtime-voices").mkdir(parents=True)
+    shutil.copy(REALTIME / "voice.pt", tmp_path / "cache" / "realtime-voices" / "test_voice.pt")
+    monkeypatch.setenv("VIBEVOICE_MLX_CACHE", str(tmp_path / "cache"))
+    big = sh.model_folder(tiny, tmp_path)
+    server = sh.ServerProcess(REALTIME / "model", tmp_path / "voices", tmp_path, "--model", str(big),
+                              "--tokenizer", str(REALTIME / "tokenizer"), "--tokenizer", "").wait_ready()
+    try:
+        ids = [m["id"] for m in server.request("GET", "/v1/models").json()["data"]]
+        assert ids == ["model", big.name]
+        # An OpenAI alias means the first model (realtime); the other is chosen by its id.
+        first = server.speech(input="Alias.", voice="test_voice", seed=2, response_format="pcm")
+        assert first.status == 200 and first.body == realtime_reference(rt_pipe, "Alias.", 2)
+        other = server.speech(model=big.name, input="Speaker 1: Other.", seed=3, response_format="pcm",
+                              max_seconds=sh.seconds_for(3))
+        want = sh.reference_pcm(sh.pipe(tiny, tmp_path), "Speaker 1: Other.", 3, 3)
+        assert other.status == 200 and np.array_equal(np.frombuffer(other.body, "<i2"), want)
+        with connect(ws_url(server)) as ws:
+            send(ws, type="session.config", model=big.name, seed=3, max_seconds=sh.seconds_for(3))
+            assert json.loads(ws.recv(timeout=30))["model"] == big.name
+            send(ws, type="input.text", text="Speaker 1: Other.")
+            send(ws, type="session.close")
+            audio, _ = utterance(ws)
+        assert np.array_equal(np.frombuffer(audio, "<i2"), want)
+        missing = server.speech(model="nope", input="x")
+        assert missing.status == 404 and "'model'" in missing.error["message"]
+    finally:
+        server.stop()
+
+
+def test_serve_refuses_two_models_of_one_name_and_a_tokenizer_count_that_does_not_fit(tmp_path):
+    from click.testing import CliRunner
+
+    from vibevoice_mlx.server.cli import serve
+
+    (tmp_path / "a" / "m").mkdir(parents=True), (tmp_path / "b" / "m").mkdir(parents=True)
+    r = CliRunner().invoke(serve, ["--model", str(tmp_path / "a" / "m"), "--model", str(tmp_path / "b" / "m")])
+    assert r.exit_code == 2 and "two models are named 'm'" in r.output
+    r = CliRunner().invoke(serve, ["--model", "x", "--model", "y", "--model", "z", "--tokenizer", "t",
+                                   "--tokenizer", "u"])
+    assert r.exit_code == 2 and "one per --model (3), not 2" in r.output

@@ -20,6 +20,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from .encode import MEDIA_TYPES, available_formats, make_encoder
 from .errors import APIError
+from .models import served_model
 from .schemas import OPENAI_MODELS, OPENAI_VOICES, SpeechRequest, parse_speech_request
 from .voices import VoiceNotFoundError, check_name
 from .worker import Job, ShuttingDownError
@@ -89,9 +90,10 @@ def foreign_voices(paths, encoder: Optional[str]) -> Optional[str]:
 
 
 def check_request(req: SpeechRequest, config) -> None:
-    if req.model not in OPENAI_MODELS | {config.model_id}:
-        raise APIError(404, f"The model {req.model!r} is not served here; this server runs {config.model_id!r} "
-                       "(GET /v1/models).", param="model", code="model_not_found")
+    if req.model not in OPENAI_MODELS | set(config.model_ids):
+        raise APIError(404, f"The model {req.model!r} is not served here; this server runs "
+                       f"{', '.join(map(repr, config.model_ids))} (GET /v1/models).", param="model",
+                       code="model_not_found")
     if not req.input.strip():
         raise APIError(400, "'input' is empty: give the text (or a Speaker N: script) to speak.", param="input",
                        code="empty_input")
@@ -154,7 +156,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 async def speech(request: Request):
     state = request.app.state
-    config, worker = state.config, state.worker
+    config = state.config
     raw = await _read_body(request, MAX_BODY_BYTES)
     try:
         body = json.loads(raw)
@@ -162,12 +164,13 @@ async def speech(request: Request):
         raise APIError(400, "We could not parse the JSON body of your request.", code="invalid_json")
     req = parse_speech_request(body)
     check_request(req, config)
-    realtime = getattr(worker.pipe, "family", None) == "realtime"
+    served = served_model(state, req.model)
+    worker, realtime = served.worker, served.realtime
     if realtime:  # a preset (downloaded once, in a thread): no saved voices, no encoder to compare
         voices, warning = [await asyncio.to_thread(realtime_voice, req)], None
     else:
         voices = resolve_voices(req, state.voices)
-        warning = await asyncio.to_thread(foreign_voices, voices, state.encoder)
+        warning = await asyncio.to_thread(foreign_voices, voices, served.encoder)
     seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
 
     loop = asyncio.get_running_loop()
@@ -188,7 +191,7 @@ async def speech(request: Request):
     elif not worker.snapshot()["accepting"]:
         raise ShuttingDownError()
     else:  # the realtime model's rows share the live sessions' batch on the worker thread
-        state.live.submit_job(job, worker.pipe)
+        served.live.submit_job(job, worker.pipe)
     try:
         first = await _next_event(request, events, job, worker)
     except BaseException:  # cancelled (the server is being forced down): the job must not run on

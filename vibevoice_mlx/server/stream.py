@@ -25,6 +25,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from .encode import to_pcm16
 from .errors import APIError
 from .live import Utterance
+from .models import served_model
 from .voices import check_name
 from .worker import Job
 
@@ -61,8 +62,7 @@ def split_sentences(text: str):
 class Session:
     def __init__(self, ws: WebSocket):
         self.ws, state = ws, ws.app.state
-        self.config, self.worker, self.live, self.store = state.config, state.worker, state.live, state.voices
-        self.realtime = getattr(self.worker.pipe, "family", None) == "realtime"
+        self.config, self.worker, self.store, self.state = state.config, state.worker, state.voices, state
         self.loop = asyncio.get_running_loop()
         self.utterances: asyncio.Queue = asyncio.Queue()
         self.current: Optional[dict] = None  # the utterance text is being added to
@@ -134,14 +134,15 @@ class Session:
 
     def configure(self, msg: dict) -> None:
         from ..preset_store import resolve_voice
-        from .schemas import OPENAI_MODELS
 
         if msg.get("type") != "session.config":
             raise SessionError("invalid_message", "The first message must be session.config.")
-        model = msg.get("model")
-        if model is not None and model not in OPENAI_MODELS | {self.config.model_id}:
-            raise SessionError("unknown_model", f"The model {model!r} is not served here; this server runs "
-                               f"{self.config.model_id!r}.")
+        served = served_model(self.state, msg.get("model"))
+        if served is None:
+            raise SessionError("unknown_model", f"The model {msg.get('model')!r} is not served here; this server "
+                               f"runs {', '.join(map(repr, self.config.model_ids))}.")
+        self.worker, self.live, self.model = served.worker, served.live, served.id
+        self.realtime = served.realtime
         if msg.get("response_format", "pcm") != "pcm":
             raise SessionError("invalid_config", "response_format must be 'pcm' (16-bit mono 24 kHz).")
         transport = msg.get("audio_transport", "binary")
@@ -174,7 +175,7 @@ class Session:
         self.options, self.transport = options, transport
         self.voice = voice
         self.loop.create_task(self.send_json({
-            "type": "session.created", "model": self.config.model_id, "voice": voice, "sample_rate": 24000,
+            "type": "session.created", "model": self.model, "voice": voice, "sample_rate": 24000,
             "format": "pcm", "seed": options["seed"]}))
 
     def text(self, delta) -> None:
