@@ -7,10 +7,8 @@ whatever the delta boundaries. The 1.5B server is the shared tiny one: it speaks
 
 import base64
 import json
-import shutil
 import signal
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,31 +21,18 @@ from websockets.sync.client import connect  # noqa: E402
 from vibevoice_mlx.server.encode import to_pcm16  # noqa: E402
 from vibevoice_mlx.server.live import FORCED_FRAMES, forced_eos  # noqa: E402
 
-REALTIME = Path(__file__).parent / "data" / "realtime_tiny"
+REALTIME = sh.REALTIME
 HOP = 3200  # the tiny realtime model's samples per frame
 TEXT = "Hello world, how are you today? Fine."
 PIECES = ["Hel", "lo wor", "ld, how a", "re you to", "day? Fi", "ne."]  # split inside words
 
 
 @pytest.fixture(scope="module")
-def rt_server(tmp_path_factory, monkeypatch_module):
-    root = tmp_path_factory.mktemp("ws")
-    (root / "cache" / "realtime-voices").mkdir(parents=True)
-    shutil.copy(REALTIME / "voice.pt", root / "cache" / "realtime-voices" / "test_voice.pt")
-    monkeypatch_module.setenv("VIBEVOICE_MLX_CACHE", str(root / "cache"))
-    monkeypatch_module.setenv("VIBEVOICE_MLX_OFFLINE", "1")
-    server = sh.ServerProcess(REALTIME / "model", root / "voices", root, "--tokenizer", str(REALTIME / "tokenizer"),
-                              "--ws-idle-timeout", "2", "--ws-max-message-bytes", "2048",
-                              "--max-input-chars", "500", "--grace", "5")
+def rt_server(tmp_path_factory):
+    server = sh.realtime_server(tmp_path_factory.mktemp("ws"), "--ws-idle-timeout", "2",
+                                "--ws-max-message-bytes", "2048", "--max-input-chars", "500", "--grace", "5")
     yield server.wait_ready()
     server.stop()
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
 
 
 @pytest.fixture(scope="module")
@@ -210,12 +195,8 @@ def test_a_client_that_leaves_mid_stream_frees_its_row(rt_server, rt_pipe):
     assert audio == realtime_reference(rt_pipe, "Next.", 5)
 
 
-def test_sigterm_during_streaming_drains_then_closes(tmp_path, rt_pipe, monkeypatch):
-    (tmp_path / "cache" / "realtime-voices").mkdir(parents=True)
-    shutil.copy(REALTIME / "voice.pt", tmp_path / "cache" / "realtime-voices" / "test_voice.pt")
-    monkeypatch.setenv("VIBEVOICE_MLX_CACHE", str(tmp_path / "cache"))
-    server = sh.ServerProcess(REALTIME / "model", tmp_path / "voices", tmp_path, "--tokenizer",
-                              str(REALTIME / "tokenizer"), "--grace", "20").wait_ready()
+def test_sigterm_during_streaming_drains_then_closes(tmp_path, rt_pipe):
+    server = sh.realtime_server(tmp_path, "--grace", "20").wait_ready()
     try:
         with connect(ws_url(server)) as ws:
             send(ws, type="session.config", voice="test_voice", seed=6)
@@ -293,13 +274,9 @@ def test_a_session_waiting_for_text_holds_no_one_up(rt_server, rt_pipe):
     assert got_a == realtime_reference(rt_pipe, "A slow typist who writes on and on.", 11)
 
 
-def test_several_models_in_one_server(tiny, tmp_path, rt_pipe, monkeypatch):
-    (tmp_path / "cache" / "realtime-voices").mkdir(parents=True)
-    shutil.copy(REALTIME / "voice.pt", tmp_path / "cache" / "realtime-voices" / "test_voice.pt")
-    monkeypatch.setenv("VIBEVOICE_MLX_CACHE", str(tmp_path / "cache"))
+def test_several_models_in_one_server(tiny, tmp_path, rt_pipe):
     big = sh.model_folder(tiny, tmp_path)
-    server = sh.ServerProcess(REALTIME / "model", tmp_path / "voices", tmp_path, "--model", str(big),
-                              "--tokenizer", str(REALTIME / "tokenizer"), "--tokenizer", "").wait_ready()
+    server = sh.realtime_server(tmp_path, "--model", str(big), "--tokenizer", "").wait_ready()
     try:
         ids = [m["id"] for m in server.request("GET", "/v1/models").json()["data"]]
         assert ids == ["model", big.name]

@@ -223,9 +223,12 @@ class Session:
     def emitter(self, utt: dict):
         def emit(kind, payload):  # worker thread -> this session's loop
             def put():
+                if utt.get("behind"):  # stopped for a slow reader: nothing more is queued for it
+                    return
                 if kind == "audio":
                     utt["queued"] += 1
                     if utt["queued"] > MAX_BEHIND_FRAMES:
+                        utt["behind"] = True
                         self.cancel(utt)
                         utt["events"].put_nowait(("error", SessionError(
                             "server_busy", "The client reads audio too slowly: its utterance was stopped.")))
