@@ -193,6 +193,18 @@ def test_a_client_that_leaves_mid_stream_frees_its_row(rt_server, rt_pipe):
         send(ws, type="session.close")
         audio, _ = utterance(ws, timeout=60)
     assert audio == realtime_reference(rt_pipe, "Next.", 5)
+    # One that leaves while its audio is being sent: its row stops, the server logs no traceback.
+    with connect(ws_url(rt_server)) as ws:
+        send(ws, type="session.config", voice="test_voice", seed=5)
+        ws.recv(timeout=30)
+        send(ws, type="input.text", text="Leaving while this is spoken.")
+        send(ws, type="input.done")
+        assert isinstance(ws.recv(timeout=30), bytes)
+    deadline = time.monotonic() + 10
+    while rt_server.health()["active"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert "Traceback" not in rt_server.log(), rt_server.log()[-3000:]
 
 
 def test_sigterm_during_streaming_drains_then_closes(tmp_path, rt_pipe):

@@ -98,8 +98,8 @@ def model_id(model: str) -> str:
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def serve(models, host, port, voices_dir, api_key, max_queue, max_batch, batch_invariant, max_input_chars,
-          max_upload_mb, max_voice_seconds, dtype, tokenizers, grace, ws_max_message_bytes, ws_max_session_chars, ws_idle_timeout, force_frames,
-          log_level):
+          max_upload_mb, max_voice_seconds, dtype, tokenizers, grace, ws_max_message_bytes, ws_max_session_chars,
+          ws_idle_timeout, force_frames, log_level):
     """Serve the OpenAI speech API (POST /v1/audio/speech), saved voices and a playground page at /."""
     try:
         import fastapi  # noqa: F401
@@ -168,10 +168,10 @@ def force_frames_sampler(enabled: bool):
 
 
 def draining_server(config, workers, grace, app=None):
-    """uvicorn's Server that, on the first signal, also drains the workers (one, or a list): uvicorn waits for open streams before
-    it runs the app's shutdown, so the worker must be told at the signal for those streams to end. uvicorn closes
-    WebSockets at once when it shuts down, so its shutdown waits (up to `grace` + 1 s) until the live sessions
-    have finished their utterances and closed with 1001."""
+    """uvicorn's Server that, on the first signal, also drains the workers (one, or a list): uvicorn waits for open
+    streams before it runs the app's shutdown, so the workers must be told at the signal for those streams to end.
+    uvicorn closes WebSockets at once when it shuts down, so its shutdown waits (up to `grace` + 1 s) until the
+    live sessions have finished their utterances and closed with 1001."""
     import asyncio
 
     import uvicorn

@@ -67,6 +67,7 @@ class Session:
         self.utterances: asyncio.Queue = asyncio.Queue()
         self.current: Optional[dict] = None  # the utterance text is being added to
         self.speaking = 0  # utterances flushed and not yet done
+        self.open: list = []  # utterances begun and not yet done (cancelled if the session ends)
         self.options: dict = {}
         self.draining = False
 
@@ -205,6 +206,7 @@ class Session:
                                     self.options["cfg_scale"], self.emitter(utt),
                                     None if seconds is None else max(1, int(seconds * 24000 // hop)))
         self.utterances.put_nowait(utt)
+        self.open.append(utt)
         return utt
 
     def flush(self) -> None:
@@ -254,9 +256,8 @@ class Session:
             self.worker.cancel(job)
 
     def cancel_all(self) -> None:
-        for utt in list(getattr(self.utterances, "_queue", [])) + [self.current, getattr(self, "sending", None)]:
-            if utt:
-                self.cancel(utt)
+        for utt in self.open:
+            self.cancel(utt)
 
     # --- audio out ----------------------------------------------------------------------------------------------
 
@@ -265,7 +266,6 @@ class Session:
             utt = await self.utterances.get()
             if utt is None:
                 return
-            self.sending = utt
             first, frames = None, 0
             if self.realtime:
                 self.live.add(utt["live"])
@@ -288,7 +288,7 @@ class Session:
                 "characters": utt["chars"], "audio_seconds": round(frames * hop / 24000, 4),
                 "time_to_first_audio_s": None if first is None else round(first - utt["start"], 4)}})
             self.speaking -= 1
-            self.sending = None
+            self.open.remove(utt)
 
     async def forward(self, utt: dict):
         """An utterance's (or sentence job's) events to the client until its end: (time of first audio, frames)."""
