@@ -80,6 +80,8 @@ class Session:
         if not self.worker.snapshot()["accepting"]:
             raise SessionError("shutting_down", "The server is shutting down.", close=1001)
         self.configure(await self.receive())
+        await self.send_json({"type": "session.created", "model": self.model, "voice": self.voice,
+                              "sample_rate": 24000, "format": "pcm", "seed": self.options["seed"]})
         sender = asyncio.create_task(self.send_all())
         try:
             while True:
@@ -165,7 +167,8 @@ class Session:
                 options["steps"] = options["steps"] or defaults.get("steps")
                 options["cfg_scale"] = float(options["cfg_scale"] if options["cfg_scale"] is not None
                                              else defaults.get("cfg_scale"))
-                self.voice_file = resolve_voice(voice or DEFAULT_PRESET)
+                voice = voice or DEFAULT_PRESET
+                self.voice_file = resolve_voice(voice)
             elif voice is not None:
                 check_name(voice)
                 self.voice_file = self.store.resolve(voice)
@@ -175,9 +178,6 @@ class Session:
             raise SessionError("unknown_voice", str(e).splitlines()[0])
         self.options, self.transport = options, transport
         self.voice = voice
-        self.loop.create_task(self.send_json({
-            "type": "session.created", "model": self.model, "voice": voice, "sample_rate": 24000,
-            "format": "pcm", "seed": options["seed"]}))
 
     def text(self, delta) -> None:
         if not isinstance(delta, str):
