@@ -201,9 +201,9 @@ def test_a_client_that_leaves_mid_stream_frees_its_row(rt_server, rt_pipe):
         send(ws, type="input.done")
         assert isinstance(ws.recv(timeout=30), bytes)
     deadline = time.monotonic() + 10
-    while rt_server.health()["active"] and time.monotonic() < deadline:
+    while (rt_server.health()["live_rows"] or rt_server.health()["live_sessions"]) and time.monotonic() < deadline:
         time.sleep(0.05)
-    time.sleep(0.5)
+    assert rt_server.health()["live_rows"] == 0 and rt_server.health()["live_sessions"] == 0
     assert "Traceback" not in rt_server.log(), rt_server.log()[-3000:]
 
 

@@ -121,7 +121,8 @@ def create_app(worker, config: ServerConfig, more: Optional[Dict[str, object]] =
     async def health():
         snap = worker.snapshot()
         return {"status": "ok" if snap["accepting"] else "draining", "model": config.model_id,
-                "models": list(workers), "auth": bool(config.api_key), **snap}
+                "models": list(workers), "auth": bool(config.api_key), "live_sessions": len(app.state.sessions),
+                "live_rows": sum(s.live.active for s in app.state.served.values()), **snap}
 
     @app.get("/v1/models", dependencies=auth)
     async def models():
