@@ -323,3 +323,20 @@ def test_serve_refuses_two_models_of_one_name_and_a_tokenizer_count_that_does_no
     r = CliRunner().invoke(serve, ["--model", "x", "--model", "y", "--model", "z", "--tokenizer", "t",
                                    "--tokenizer", "u"])
     assert r.exit_code == 2 and "one per --model (3), not 2" in r.output
+
+
+def test_15b_speaks_in_the_sessions_saved_voice(server15):
+    clip = np.random.default_rng(3).standard_normal(6400).astype(np.float32) * 0.1
+    r = server15.upload_voice("ws_voice", sh.wav_bytes(clip), overwrite="true")
+    assert r.status in (200, 201), r.body[:300]
+    sentences = ["Speaker 1: One.", "Speaker 1: Two!"]
+    want = b"".join(server15.speech(input=s, voice="ws_voice", seed=8, response_format="pcm",
+                                    max_seconds=sh.seconds_for(3)).body for s in sentences)
+    plain = server15.speech(input=sentences[0], seed=8, response_format="pcm", max_seconds=sh.seconds_for(3)).body
+    with connect(ws_url(server15)) as ws:
+        send(ws, type="session.config", voice="ws_voice", seed=8, max_seconds=sh.seconds_for(3))
+        assert json.loads(ws.recv(timeout=30))["voice"] == "ws_voice"
+        send(ws, type="input.text", text=" ".join(sentences))
+        send(ws, type="session.close")
+        audio, _ = utterance(ws)
+    assert audio == want and audio[:len(plain)] != plain  # the voice was used
