@@ -112,7 +112,8 @@ def create_app(worker, config: ServerConfig) -> FastAPI:
     async def health():
         snap = worker.snapshot()
         return {"status": "ok" if snap["accepting"] else "draining", "model": config.model_id,
-                "auth": bool(config.api_key), **snap}
+                "auth": bool(config.api_key), **snap,
+                "live_sessions": len(app.state.sessions), "live_rows": app.state.live.active}
 
     @app.get("/v1/models", dependencies=auth)
     async def models():
