@@ -20,7 +20,7 @@ import pytest
 
 import server_helpers as sh
 
-pytest.importorskip("websockets")
+import websockets  # noqa: E402,F401  (the server extra, which the test extra includes)
 from websockets.asyncio.client import connect  # noqa: E402
 from websockets.exceptions import ConnectionClosed  # noqa: E402
 

@@ -15,7 +15,7 @@ import pytest
 
 import server_helpers as sh
 
-websockets = pytest.importorskip("websockets")
+import websockets  # noqa: E402  (the server extra, which the test extra includes)
 from websockets.sync.client import connect  # noqa: E402
 
 from vibevoice_mlx.server.encode import to_pcm16  # noqa: E402
@@ -39,7 +39,7 @@ def rt_server(tmp_path_factory):
 def rt_pipe(tmp_path_factory):
     import vibevoice_mlx as vv
 
-    pipe = vv.load(str(REALTIME / "model"), tokenizer=str(REALTIME / "tokenizer"))
+    pipe = vv.load(str(REALTIME / "model"), tokenizer=str(REALTIME / "tokenizer"), batch_invariant=True)  # as serve
     return pipe
 
 
@@ -340,3 +340,21 @@ def test_15b_speaks_in_the_sessions_saved_voice(server15):
         send(ws, type="session.close")
         audio, _ = utterance(ws)
     assert audio == want and audio[:len(plain)] != plain  # the voice was used
+
+
+def test_an_utterance_the_model_ends_before_input_done_leaves_the_session_as_it_was(rt_server, rt_pipe):
+    """The model's own stop (EOS; forced here) ends an utterance whose text was never flushed: its
+    speech.audio.done comes, later text is a new utterance that input.done speaks, and the idle timeout holds."""
+    long_text = "Pending text, never flushed, and it goes on for a while longer than the stop."
+    with connect(ws_url(rt_server)) as ws:
+        send(ws, type="session.config", voice="test_voice", seed=3)
+        json.loads(ws.recv(timeout=30))
+        send(ws, type="input.text", text=long_text)
+        first, done = utterance(ws)
+        send(ws, type="input.text", text="Second one.")
+        send(ws, type="input.done")
+        second, done2 = utterance(ws)
+        messages, code = closing(ws, timeout=30)  # nothing more is sent: the session idles out
+    assert len(first) == FORCED_FRAMES * HOP * 2 and done["usage"]["characters"] == len(long_text)
+    assert second == realtime_reference(rt_pipe, "Second one.", 3)
+    assert [m.get("code") for m in messages] == ["idle_timeout"] and code == 1000

@@ -114,11 +114,22 @@ class Session:
             self.cancel_all()
 
     async def receive(self) -> dict:
-        timeout = None if self.speaking else self.config.ws_idle_timeout
+        """The next client message. The session is idle while it sends nothing and nothing of it is being spoken:
+        the idle clock runs from the later of the last message and the end of the last utterance."""
+        timeout, last = self.config.ws_idle_timeout, time.monotonic()
+        pending = asyncio.ensure_future(self.ws.receive())
         try:
-            msg = await asyncio.wait_for(self.ws.receive(), timeout)
-        except asyncio.TimeoutError:
-            raise SessionError("idle_timeout", f"No message for {timeout:g} s: the session is closed.", close=1000)
+            while not pending.done():
+                await asyncio.wait({pending}, timeout=min(0.25, timeout))
+                if self.speaking:  # utterances flushed and still being spoken
+                    last = time.monotonic()
+                elif not pending.done() and time.monotonic() - last > timeout:
+                    raise SessionError("idle_timeout", f"No message for {timeout:g} s: the session is closed.",
+                                       close=1000)
+            msg = pending.result()
+        finally:
+            if not pending.done():
+                pending.cancel()
         if msg["type"] == "websocket.disconnect":
             raise WebSocketDisconnect(msg.get("code", 1000))
         data = msg.get("text")
@@ -287,7 +298,10 @@ class Session:
             await self.send_json({"type": "speech.audio.done", "usage": {
                 "characters": utt["chars"], "audio_seconds": round(frames * hop / 24000, 4),
                 "time_to_first_audio_s": None if first is None else round(first - utt["start"], 4)}})
-            self.speaking -= 1
+            if utt is self.current:  # it ended on its own (the model's stop, max_seconds) before input.done:
+                self.current = None  # later text begins a new utterance
+            else:
+                self.speaking -= 1
             self.open.remove(utt)
 
     async def forward(self, utt: dict):
