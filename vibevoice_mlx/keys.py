@@ -6,7 +6,7 @@ the other direction to load an original checkpoint into transformers' VibeVoice.
 """
 
 import re
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 ORIGINAL = "original"
 TRANSFORMERS = "transformers"
@@ -114,6 +114,29 @@ def mlx_transpose(key: str):
     if key.endswith(".conv.conv.weight"):
         return (0, 2, 1)  # Conv1d [out, in/groups, k] -> [out, k, in/groups]
     return None
+
+
+def to_mlx_layout(weights: Dict, layout: str, drop: Callable[[str], bool] = lambda key: False) -> Dict:
+    """Original-named weights in MLX's layout, for either model family: conv weights transposed by name (never by
+    shape), the keys `drop` names left out. `layout` "mlx": a converted folder, already in MLX's layout."""
+    out = {}
+    for k, v in weights.items():
+        if drop(k):
+            continue
+        perm = mlx_transpose(k) if layout != "mlx" else None
+        if perm is not None:
+            if v.ndim != 3:
+                raise ValueError(f"{k}: expected a 3-D conv weight, got shape {tuple(v.shape)}")
+            v = v.transpose(perm)
+        out[k] = v
+    return out
+
+
+def stays_float32(key: str) -> bool:
+    """The tensors of either family that stay float32 whatever the model dtype (architecture.md §8, realtime.md
+    §5.2): the latent scaling scalars and the σ-VAE layer scales (init 1e-6, at risk of float16 underflow)."""
+    leaf = key.rsplit(".", 1)[-1]
+    return key.startswith("model.speech_") or leaf in ("gamma", "ffn_gamma")
 
 
 def torch_transpose(key: str):

@@ -18,7 +18,7 @@ from ..audio_tokenizer import TokenizerConfig, TokenizerDecoder
 from ..checkpoint import _head_from_original, _qwen2, _tokenizer_from_original
 from ..diffusion_head import DiffusionHead, DiffusionHeadConfig
 from ..errors import UserError
-from ..keys import mlx_transpose
+from ..keys import stays_float32, to_mlx_layout
 from ..connector import SpeechConnector
 from ..scheduler import SchedulerConfig
 
@@ -151,24 +151,13 @@ class RealtimeModel(nn.Module):
 
     def sanitize(self, weights: Dict[str, mx.array], layout: str) -> Dict[str, mx.array]:
         """Original-named weights -> MLX layout (`layout` "mlx": already converted, no transposes)."""
-        out = {}
-        for k, v in weights.items():
-            if k in UNUSED_KEYS or k.endswith("rotary_emb.inv_freq"):
-                continue
-            perm = mlx_transpose(k) if layout != "mlx" else None
-            if perm is not None:
-                if v.ndim != 3:
-                    raise ValueError(f"{k}: expected a 3-D conv weight, got shape {tuple(v.shape)}")
-                v = v.transpose(perm)
-            out[k] = v
-        return out
+        return to_mlx_layout(weights, layout, lambda k: k in UNUSED_KEYS or k.endswith("rotary_emb.inv_freq"))
 
     @staticmethod
     def cast_predicate(key: str) -> bool:
         """False for what stays float32 whatever the model dtype (realtime.md §5.2): the latent scalars and the
         decoder's layer scales."""
-        leaf = key.rsplit(".", 1)[-1]
-        return not (key.startswith("model.speech_") or leaf in ("gamma", "ffn_gamma"))
+        return not stays_float32(key)
 
     @staticmethod
     def quant_predicate(path: str, module: nn.Module) -> bool:

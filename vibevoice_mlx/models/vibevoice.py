@@ -18,7 +18,7 @@ from .. import backbone
 from ..audio_tokenizer import AcousticTokenizer, SemanticTokenizer, TokenizerConfig
 from ..connector import SpeechConnector
 from ..diffusion_head import DiffusionHead, DiffusionHeadConfig
-from ..keys import mlx_transpose
+from ..keys import stays_float32, to_mlx_layout
 from ..scheduler import SchedulerConfig
 
 logger = logging.getLogger(__name__)
@@ -102,27 +102,15 @@ class Model(nn.Module):
         Conv weights are transposed by key name (keys.py), never by shape. A tied 1.5B checkpoint may store
         a copy of the embeddings as lm_head.weight: the head is always the embedding matrix then, so it is dropped.
         """
-        out = {}
-        for k, v in weights.items():
-            if k.endswith(_DROP_SUFFIXES):
-                continue
-            if k == "lm_head.weight" and self.config.tie_word_embeddings:
-                continue
-            perm = mlx_transpose(k) if layout != "mlx" else None
-            if perm is not None:
-                if v.ndim != 3:
-                    raise ValueError(f"{k}: expected a 3-D conv weight, got shape {tuple(v.shape)}")
-                v = v.transpose(perm)
-            out[k] = v
-        return out
+        tied = self.config.tie_word_embeddings
+        return to_mlx_layout(weights, layout, lambda k: k.endswith(_DROP_SUFFIXES) or (k == "lm_head.weight" and tied))
 
     @staticmethod
     def cast_predicate(key: str) -> bool:
         """The one dtype policy, applied alike on disk (convert) and in memory (load): False for the tensors that
         stay float32 whatever the model dtype (architecture.md §8), the latent scaling scalars and the tokenizer
         layer scales (init 1e-6, at risk of float16 underflow)."""
-        leaf = key.rsplit(".", 1)[-1]
-        return not (key.startswith("model.speech_") or leaf in ("gamma", "ffn_gamma"))
+        return not stays_float32(key)
 
     @staticmethod
     def quant_predicate(path: str, module: nn.Module) -> bool:
