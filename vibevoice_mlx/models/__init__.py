@@ -13,5 +13,8 @@ MODEL_TYPES = {"vibevoice": VIBEVOICE, None: VIBEVOICE, "vibevoice_streaming": R
 
 
 def family(config: Dict[str, Any]) -> str:
-    """VIBEVOICE or REALTIME for a config.json; KeyError for any other model_type (callers word the error)."""
+    """VIBEVOICE or REALTIME for a config.json; KeyError for any other model_type or a config that is not an
+    object (callers word the error)."""
+    if not isinstance(config, dict):
+        raise KeyError(type(config).__name__)
     return MODEL_TYPES[config.get("model_type")]
