@@ -122,3 +122,84 @@ def test_the_page_uploads_a_voice_generates_plays_and_downloads(driver, server, 
     errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     assert errors == [], errors
     server.request("DELETE", "/v1/voices/pagevoice")
+
+
+@pytest.fixture(scope="module")
+def standin():
+    import ws_standin
+
+    server = ws_standin.StandIn()
+    yield server
+    server.stop()
+
+
+def save_screenshot(driver, tmp_path, name: str):
+    """A screenshot of the page as the test left it; VIBEVOICE_UPDATE_SCREENSHOTS=1 keeps it in the package."""
+    shot = tmp_path / name
+    assert driver.save_screenshot(str(shot))
+    png = shot.read_bytes()
+    width, height = struct.unpack(">II", png[16:24])
+    assert png.startswith(b"\x89PNG") and width >= 800 and height >= 600, (width, height)
+    if os.environ.get("VIBEVOICE_UPDATE_SCREENSHOTS") == "1":
+        from vibevoice_mlx.server.app import STATIC
+
+        (STATIC / name).write_bytes(png)
+
+
+def type_live(driver, pieces, pause: float = 0.15, enter: bool = True):
+    """Types the text in pieces, as a person (or a paste) would, and presses Enter."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    box = driver.find_element(By.ID, "live-text")
+    for piece in pieces:
+        box.send_keys(piece)
+        time.sleep(pause)
+    if enter:
+        box.send_keys(Keys.ENTER)
+
+
+def open_live(driver, url: str, api_key: str):
+    from selenium.webdriver.common.by import By
+
+    driver.get(url + "/#live")
+    wait_for(driver, "window.vv && window.vv.state === 'idle' && window.vv.mode === 'live'")
+    key = driver.find_element(By.ID, "api-key")
+    key.clear()
+    key.send_keys(api_key)
+    driver.execute_script("arguments[0].dispatchEvent(new Event('change'))", key)
+    assert not driver.find_element(By.ID, "script").is_displayed()  # the script mode's form is out of the way
+
+
+def test_live_mode_sends_the_text_while_it_is_typed_and_plays_the_frames_as_they_come(driver, standin, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    open_live(driver, standin.url, standin.api_key)
+    wait_for(driver, "document.querySelector('#live-voice option[value=\"en-Emma_woman\"]')")
+    Select(driver.find_element(By.ID, "live-voice")).select_by_value("en-Emma_woman")
+    pieces = ["Hello ", "from the ", "live mode", ", typed in pieces."]
+    type_live(driver, pieces)
+    state = wait_for(driver, "window.vv.live.done >= 1")["live"]
+    assert state["error"] is None and state["utterances"] == 1
+
+    got = list(standin.received)
+    assert got[0]["type"] == "session.config" and got[0]["voice"] == "en-Emma_woman"
+    assert got[0]["model"] == "realtime-tiny" and got[0]["audio_transport"] == "binary"
+    deltas = [m["text"] for m in got if m["type"] == "input.text"]
+    # Each keystroke went out as it was typed: many deltas, in order, that add up to the text.
+    assert "".join(deltas) == "".join(pieces) and len(deltas) >= len(pieces)
+    assert got[-1] == {"type": "input.done"}  # Enter finished the utterance, the connection stays open
+    assert state["frames"] == len(deltas) and state["samples"] == len(deltas) * 3200
+    assert 0 < state["ttfa"] < 5 and driver.find_element(By.ID, "ttfa").text.endswith("ms)")
+    assert driver.find_element(By.ID, "live-frames").text == str(len(deltas))
+    # Every frame was scheduled on the audio clock and played to its end.
+    wait_for(driver, "window.vv.played === window.vv.live.frames", timeout=15)
+
+    # Typing on starts the next utterance on the same connection; a pause finishes it.
+    driver.execute_script("document.getElementById('live-pause').value = '0.5'")
+    type_live(driver, [" And more."], pause=0, enter=False)
+    state = wait_for(driver, "window.vv.live.done >= 2")["live"]
+    assert state["utterances"] == 2 and [m["type"] for m in standin.received].count("session.config") == 1
+    errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    assert errors == [], errors
