@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-import ws_standin
+import live_helpers
 
 pytest.importorskip("websockets")
 
 
 @pytest.fixture(scope="module")
 def standin():
-    server = ws_standin.StandIn()
+    server = live_helpers.StandIn()
     yield server
     server.stop()
 
@@ -33,9 +33,41 @@ def test_agent_stream_sends_words_as_they_come_and_saves_the_audio_as_it_arrives
     # The stand-in answers each delta with one frame whose samples are the delta's length: the WAV holds them in
     # order, whole.
     audio, sr = sf.read(out, dtype="int16")
-    assert sr == 24000 and audio.shape == (len(pieces) * ws_standin.FRAME,)
-    assert np.array_equal(audio, np.repeat([len(p) for p in pieces], ws_standin.FRAME))
+    assert sr == 24000 and audio.shape == (len(pieces) * live_helpers.FRAME,)
+    assert np.array_equal(audio, np.repeat([len(p) for p in pieces], live_helpers.FRAME))
     assert stats["frames"] == len(pieces) and stats["usage"]["characters"] == len(text)
     assert stats["time_to_first_audio_s"] is not None and stats["error"] is None
     printed = capsys.readouterr().out
     assert "time to first audio:" in printed and f"got {len(pieces)} frames" in printed
+
+
+@pytest.fixture(scope="module")
+def rt_server(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    server = live_helpers.realtime_server(tmp_path_factory.mktemp("rt"), mp).wait_ready()
+    yield server
+    server.stop()
+    mp.undo()
+
+
+def test_agent_stream_on_the_realtime_server_saves_what_the_whole_text_gives(rt_server, tmp_path, capsys):
+    import vibevoice_mlx as vv
+    from vibevoice_mlx.examples import agent_stream
+    from vibevoice_mlx.server.encode import to_pcm16
+    from vibevoice_mlx.server.live import forced_eos
+
+    out = tmp_path / "agent.wav"
+    text = "Hello world, how are you today? Fine."
+    stats = agent_stream.main(["--url", f"ws://127.0.0.1:{rt_server.port}/v1/audio/speech/stream", "--api-key",
+                               rt_server.api_key, "--voice", live_helpers.PRESET, "--seed", "7", "--text", text,
+                               "--delay", "0.02", "--out", str(out)])
+    assert stats["error"] is None and stats["voice"] == live_helpers.PRESET
+    assert stats["words"] == len(text.split()) and stats["usage"]["characters"] == len(text)
+    # The words went out one by one; the audio is the whole text's, as vv.generate makes it with the same seed.
+    pipe = vv.load(str(live_helpers.REALTIME / "model"), tokenizer=str(live_helpers.REALTIME / "tokenizer"))
+    reference = vv.generate(pipe, text, voices=[str(live_helpers.REALTIME / "voice.pt")], seed=7,
+                            eos_rule=forced_eos).audio
+    assert out.read_bytes()[44:] == to_pcm16(reference)
+    assert stats["audio_seconds"] == pytest.approx(len(reference) / 24000)
+    assert 0 < stats["time_to_first_audio_s"] < 60
+    assert "time to first audio:" in capsys.readouterr().out

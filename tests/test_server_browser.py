@@ -126,9 +126,9 @@ def test_the_page_uploads_a_voice_generates_plays_and_downloads(driver, server, 
 
 @pytest.fixture(scope="module")
 def standin():
-    import ws_standin
+    import live_helpers
 
-    server = ws_standin.StandIn()
+    server = live_helpers.StandIn()
     yield server
     server.stop()
 
@@ -195,11 +195,44 @@ def test_live_mode_sends_the_text_while_it_is_typed_and_plays_the_frames_as_they
     assert driver.find_element(By.ID, "live-frames").text == str(len(deltas))
     # Every frame was scheduled on the audio clock and played to its end.
     wait_for(driver, "window.vv.played === window.vv.live.frames", timeout=15)
+    save_screenshot(driver, tmp_path, "playground-live.png")
 
     # Typing on starts the next utterance on the same connection; a pause finishes it.
     driver.execute_script("document.getElementById('live-pause').value = '0.5'")
     type_live(driver, [" And more."], pause=0, enter=False)
     state = wait_for(driver, "window.vv.live.done >= 2")["live"]
     assert state["utterances"] == 2 and [m["type"] for m in standin.received].count("session.config") == 1
+    errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    assert errors == [], errors
+
+
+@pytest.fixture(scope="module")
+def rt_server(tmp_path_factory):
+    import live_helpers
+
+    mp = pytest.MonkeyPatch()
+    server = live_helpers.realtime_server(tmp_path_factory.mktemp("rt"), mp).wait_ready()
+    yield server
+    server.stop()
+    mp.undo()
+
+
+def test_live_mode_on_the_realtime_server_speaks_while_the_text_is_typed(driver, rt_server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    import live_helpers
+    from vibevoice_mlx.server.live import FORCED_FRAMES
+
+    open_live(driver, rt_server.url, rt_server.api_key)
+    wait_for(driver, f"document.querySelector('#live-voice option[value=\"{live_helpers.PRESET}\"]')")
+    Select(driver.find_element(By.ID, "live-voice")).select_by_value(live_helpers.PRESET)
+    type_live(driver, ["Hello wor", "ld, how are", " you today?", " Fine."])
+    state = wait_for(driver, "window.vv.live.done >= 1 || window.vv.live.error", timeout=120)["live"]
+    assert state["error"] is None and state["done"] == 1, state
+    assert state["samples"] == FORCED_FRAMES * 3200 and state["frames"] >= 1
+    assert 0 < state["ttfa"] < 60 and driver.find_element(By.ID, "ttfa").text.endswith("ms)")
+    wait_for(driver, "window.vv.played >= window.vv.live.frames", timeout=30)
+    save_screenshot(driver, tmp_path, "playground-live.png")
     errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     assert errors == [], errors

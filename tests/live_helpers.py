@@ -5,8 +5,10 @@ and records every message it got, so a test can check what the client sent. Bind
 """
 
 import json
+import shutil
 import threading
 import time
+from pathlib import Path
 from typing import List
 
 import numpy as np
@@ -117,3 +119,17 @@ class StandIn:
     def stop(self):
         self.server.should_exit = True
         self.thread.join(10)
+
+
+REALTIME = Path(__file__).parent / "data" / "realtime_tiny"
+PRESET = "test_voice"  # the tiny model's voice.pt, installed as a preset in the server's cache
+
+
+def realtime_server(root: Path, monkeypatch) -> sh.ServerProcess:
+    """The real server on the tiny realtime model with forced frames (each utterance stops after a fixed number of
+    frames), its voice.pt as the preset `test_voice`; not ready yet (call wait_ready)."""
+    (root / "cache" / "realtime-voices").mkdir(parents=True)
+    shutil.copy(REALTIME / "voice.pt", root / "cache" / "realtime-voices" / f"{PRESET}.pt")
+    monkeypatch.setenv("VIBEVOICE_MLX_CACHE", str(root / "cache"))
+    monkeypatch.setenv("VIBEVOICE_MLX_OFFLINE", "1")
+    return sh.ServerProcess(REALTIME / "model", root / "voices", root, "--tokenizer", str(REALTIME / "tokenizer"))
