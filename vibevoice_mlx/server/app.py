@@ -21,7 +21,9 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .errors import APIError, hide_paths
+from .live import LiveBatch
 from .speech import speech
+from .stream import speech_stream
 from .voices import (VoiceExistsError, VoiceNameError, VoiceNotFoundError, VoiceStore, check_name, encode_voice,
                      read_upload)
 
@@ -39,6 +41,14 @@ class ServerConfig:
     max_upload_bytes: int = 20 * 2**20
     max_voice_seconds: float = 60.0  # and at most half the model's context
     grace: float = 10.0  # seconds running streams get to finish on shutdown
+    ws_max_message_bytes: int = 64 * 1024  # WS /v1/audio/speech/stream (server/stream.py)
+    ws_max_session_chars: Optional[int] = None  # per utterance; None: max_input_chars
+    ws_idle_timeout: float = 30.0
+    live_eos_rule: Optional[object] = None  # the realtime stop rule (--force-frames: live.forced_eos)
+
+    def __post_init__(self):
+        if self.ws_max_session_chars is None:
+            self.ws_max_session_chars = self.max_input_chars
 
 
 def _error_response(err: APIError) -> JSONResponse:
@@ -70,6 +80,9 @@ def create_app(worker, config: ServerConfig) -> FastAPI:
     app.state.encoder = worker.call(lambda pipe: getattr(getattr(pipe, "backend", None), "encoder_fingerprint",
                                                          None)).result()
     app.state.started = int(time.time())
+    app.state.live = LiveBatch(worker.wake, config.live_eos_rule, worker.past_grace)
+    app.state.sessions = set()
+    worker.live.append(app.state.live)
 
     @app.exception_handler(APIError)
     async def api_error(request, exc: APIError):
@@ -107,6 +120,7 @@ def create_app(worker, config: ServerConfig) -> FastAPI:
                                             "owned_by": "vibevoice-mlx"}]}
 
     app.post("/v1/audio/speech", dependencies=auth)(speech)
+    app.websocket("/v1/audio/speech/stream")(speech_stream)  # checks the key itself (header or ?api_key=)
 
     @app.get("/v1/voices", dependencies=auth)
     async def list_voices():

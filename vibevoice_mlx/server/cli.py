@@ -83,12 +83,19 @@ def model_id(model: str) -> str:
 @click.option("--tokenizer", help="Tokenizer folder or repo id, when the model folder has none.")
 @click.option("--grace", default=10.0, show_default=True, type=click.FloatRange(0), callback=finite,
               help="Seconds running streams get to finish on shutdown.")
+@click.option("--ws-max-message-bytes", default=64 * 1024, show_default=True, type=click.IntRange(1024),
+              help="Largest WebSocket message of /v1/audio/speech/stream.")
+@click.option("--ws-max-session-chars", type=click.IntRange(1),
+              help="Longest utterance of a live session (default: --max-input-chars).")
+@click.option("--ws-idle-timeout", default=30.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              callback=finite, help="Seconds a live session may send nothing while nothing is spoken.")
 @click.option("--force-frames", is_flag=True, hidden=True,
               help="Testing aid: always generate speech frames (for random test models).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def serve(model, host, port, voices_dir, api_key, max_queue, max_batch, batch_invariant, max_input_chars,
-          max_upload_mb, max_voice_seconds, dtype, tokenizer, grace, force_frames, log_level):
+          max_upload_mb, max_voice_seconds, dtype, tokenizer, grace, ws_max_message_bytes, ws_max_session_chars, ws_idle_timeout, force_frames,
+          log_level):
     """Serve the OpenAI speech API (POST /v1/audio/speech), saved voices and a playground page at /."""
     try:
         import fastapi  # noqa: F401
@@ -100,6 +107,7 @@ def serve(model, host, port, voices_dir, api_key, max_queue, max_batch, batch_in
     import vibevoice_mlx as vv
 
     from .app import ServerConfig, create_app
+    from .live import forced_eos
     from .voices import VoiceStore
     from .worker import Worker
 
@@ -122,10 +130,12 @@ def serve(model, host, port, voices_dir, api_key, max_queue, max_batch, batch_in
         raise click.ClickException(str(e))
     config = ServerConfig(model_id=model_id(model), voices_dir=voices_dir, api_key=api_key,
                           max_input_chars=max_input_chars, max_upload_bytes=int(max_upload_mb * 2**20),
-                          max_voice_seconds=max_voice_seconds, grace=grace)
+                          max_voice_seconds=max_voice_seconds, grace=grace, ws_max_message_bytes=ws_max_message_bytes,
+                          ws_max_session_chars=ws_max_session_chars, ws_idle_timeout=ws_idle_timeout,
+                          live_eos_rule=forced_eos if force_frames else None)
     app = create_app(worker, config)
     server = draining_server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                           timeout_graceful_shutdown=grace + 5), worker, grace)
+                                           timeout_graceful_shutdown=grace + 5), worker, grace, app)
     logger.info("Voices in %s; playground at http://%s:%d/", config.voices_dir, host, port)
     server.run(sockets=[sock])
 
@@ -137,14 +147,29 @@ def force_frames_sampler(enabled: bool):
     return None
 
 
-def draining_server(config, worker, grace):
+def draining_server(config, worker, grace, app=None):
     """uvicorn's Server that, on the first signal, also drains the worker: uvicorn waits for open streams before
-    it runs the app's shutdown, so the worker must be told at the signal for those streams to end."""
+    it runs the app's shutdown, so the worker must be told at the signal for those streams to end. uvicorn closes
+    WebSockets at once when it shuts down, so its shutdown waits (up to `grace` + 1 s) until the live sessions
+    have finished their utterances and closed with 1001."""
+    import asyncio
+
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig, frame):
             worker.drain(grace)
+            sessions = getattr(getattr(app, "state", None), "sessions", None)
+            if not sessions or self.should_exit:
+                return super().handle_exit(sig, frame)
+            for session in list(sessions):
+                session.drain()
+            asyncio.get_running_loop().create_task(self._exit_after_sessions(sig, frame, sessions))
+
+        async def _exit_after_sessions(self, sig, frame, sessions):
+            deadline = asyncio.get_running_loop().time() + grace + 1.0
+            while sessions and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
             super().handle_exit(sig, frame)
 
     return DrainingServer(config)

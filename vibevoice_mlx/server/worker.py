@@ -94,6 +94,7 @@ class Worker:
         self._pending: Deque[Job] = deque()
         self._tasks: Deque = deque()
         self._active: List[Job] = []
+        self.live: List = []  # objects with busy() and step(pipe): realtime live sessions (server/live.py)
         self._accepting, self._exit = True, False
         self._stop_at: Optional[float] = None
         self._durations: Deque[float] = deque(maxlen=32)
@@ -135,6 +136,15 @@ class Worker:
             self._tasks.append((fn, future))
             self._cond.notify_all()
         return future
+
+    def past_grace(self) -> bool:
+        """Shutting down and past the grace period: what still runs ends at its next step."""
+        return self._stop_at is not None and time.monotonic() > self._stop_at
+
+    def wake(self) -> None:
+        """Something a live session holds changed (text, a new utterance): the thread looks again."""
+        with self._cond:
+            self._cond.notify_all()
 
     def cancel(self, job: Job) -> None:
         """The client is gone: drop the job if it still waits, else stop it at its next frame."""
@@ -200,7 +210,7 @@ class Worker:
         while True:
             task, jobs = None, None
             with self._cond:
-                while not (self._pending or self._tasks or batches or stepping or self._exit):
+                while not (self._pending or self._tasks or batches or stepping or self._exit or self._live_busy()):
                     self._cond.wait()
                 if self._exit and not (self._pending or self._tasks or batches or stepping):
                     break
@@ -233,14 +243,19 @@ class Worker:
                     if not self._step(batch):
                         batches.remove(batch)
                 owed = owed + (time.monotonic() - start) * TASK_SHARE / (1 - TASK_SHARE) if stepping else 0.0
+                for live in self.live:
+                    live.step(self.pipe)
             except Exception:  # noqa: BLE001 - the worker must outlive any one request
                 logger.exception("Worker error")
             with self._cond:
                 self._active = [j for b in batches for j in b.jobs if not j.done]
-                idle = not (batches or stepping or self._pending)
+                idle = not (batches or stepping or self._pending or any(live.active for live in self.live))
             if self.free_when_idle and idle and self._used:
                 self._used = False
                 self._free_memory()
+
+    def _live_busy(self) -> bool:
+        return any(live.busy() for live in self.live)
 
     def _room(self, batches) -> int:
         return self.max_batch - sum(not j.done for b in batches for j in b.jobs)
