@@ -79,6 +79,10 @@ class LiveBatch:
         """Work the worker can do now (it sleeps otherwise until `wake`)."""
         if self._incoming:
             return True
+        # Text that came since the last step is read by step(): without it a row that waits for its ids never
+        # sees the deltas that complete them (a client that sends text a keystroke at a time).
+        if any(u.deltas or (u.finished and not u.row.text.closed) for u in self._rows.values()):
+            return True
         return any(self._ready(b) for b in self._batches.values() if b.rows)
 
     def step(self, pipe) -> None:
