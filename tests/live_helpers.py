@@ -1,7 +1,8 @@
 """A stand-in for the server's live endpoint (`WS /v1/audio/speech/stream`), as the protocol describes it, with the
 playground page and the lists it reads: tests of the page's and the example's client logic run against it without
 a model. It answers each `input.text` delta with one frame of PCM16 (3200 samples, its value the delta's length)
-and records every message it got, so a test can check what the client sent. Binds 127.0.0.1 only.
+and records every message it got, so a test can check what the client sent. `realtime_server` starts the real
+server on the tiny realtime model. Both bind 127.0.0.1 only.
 """
 
 import json

@@ -7,7 +7,7 @@
 // The live mode's state, for the status line and for the browser test (window.vv.live).
 const live = (vv.live = {
   state: "closed", frames: 0, bytes: 0, samples: 0, utterances: 0, done: 0, ttfa: null, serverTtfa: null,
-  sent: "", error: null,
+  sent: "", error: null, idle: false,
 });
 let socket = null;
 let opening = null; // the promise of the open socket, while it opens
@@ -27,20 +27,16 @@ function liveError(message) {
   showError(message);
 }
 
+// The voice is typed or picked: the list offers the presets and saved voices the server has; a preset it has
+// not fetched yet can still be named.
 function renderLiveVoices() {
-  const select = $("live-voice");
-  const chosen = select.value;
-  select.replaceChildren(new Option("(model default)", ""));
-  const groups = [["Presets (realtime model)", voices.filter(isPreset)],
-    ["Saved voices (1.5B / 7B)", voices.filter((v) => !isPreset(v))]];
-  for (const [label, list] of groups) {
-    if (!list.length) continue;
-    const group = document.createElement("optgroup");
-    group.label = label;
-    for (const v of list) group.append(new Option(v.id, v.id));
-    select.append(group);
+  const list = $("live-voices");
+  list.replaceChildren();
+  for (const v of [...voices.filter(isPreset), ...voices.filter((v) => !isPreset(v))]) {
+    const option = new Option(v.id, v.id);
+    option.label = isPreset(v) ? "preset (realtime model)" : "saved voice (1.5B / 7B)";
+    list.append(option);
   }
-  if ([...select.options].some((o) => o.value === chosen)) select.value = chosen;
 }
 window.renderLiveVoices = renderLiveVoices;
 
@@ -56,7 +52,7 @@ function streamUrl() {
 function sessionConfig() {
   const config = { type: "session.config", model: $("model-pick").value || undefined, response_format: "pcm",
     audio_transport: "binary" };
-  if ($("live-voice").value) config.voice = $("live-voice").value;
+  if ($("live-voice").value.trim()) config.voice = $("live-voice").value.trim();
   if ($("live-steps").value !== "") config.steps = Number($("live-steps").value);
   if ($("live-cfg").value !== "") config.cfg_scale = Number($("live-cfg").value);
   if ($("seed").value !== "") config.seed = Number($("seed").value);
@@ -94,6 +90,9 @@ function onMessage(event) {
   } else if (msg.type === "speech.audio.delta") {
     onAudio(decodeBase64(msg.audio));
   } else if (msg.type === "speech.audio.done") {
+    // The utterance ended (input.done, or the model finished speaking): the next text starts another.
+    utteranceStart = null;
+    clearTimeout(pauseTimer);
     live.done++;
     const usage = msg.usage || {};
     live.serverTtfa = usage.time_to_first_audio_s ?? null;
@@ -101,6 +100,8 @@ function onMessage(event) {
     if (live.ttfa !== null) $("ttfa").textContent = `${(live.ttfa * 1000).toFixed(0)} ms${server}`;
     liveStatus("open", `Done: ${usage.characters ?? "?"} characters, ${(usage.audio_seconds ?? 0).toFixed(2)} s of ` +
       "audio. Type on for the next one.");
+  } else if (msg.type === "error" && msg.code === "idle_timeout") {
+    live.idle = true; // not a failure: the server closes a quiet session, and the next keystroke opens another
   } else if (msg.type === "error") {
     liveError(`${msg.message} (${msg.code})`);
   }
@@ -127,8 +128,12 @@ function connect() {
     socket = null;
     opening = null;
     live.sent = $("live-text").value; // what is on screen now was spoken, or given up with the session
-    if (event.code !== 1000 && !live.error) liveError(`The live session ended (${event.code} ${event.reason}).`);
-    liveStatus("closed", live.error ? "" : "Session closed; type to open a new one.");
+    if (event.code !== 1000 && !live.error && !live.idle) {
+      liveError(`The live session ended (${event.code} ${event.reason}).`);
+    }
+    liveStatus("closed", live.error ? "" : (live.idle ? "Closed after a quiet while; " : "Session closed; ") +
+      "type to open a new one.");
+    live.idle = false;
   };
   return opening;
 }
