@@ -1,7 +1,10 @@
-"""`vibevoice-mlx convert`: a PyTorch VibeVoice checkpoint (either layout) to a self-contained MLX folder.
+"""`vibevoice-mlx convert`: a PyTorch VibeVoice checkpoint (1.5B/7B in either layout, or Realtime-0.5B) to a
+self-contained MLX folder.
 
-This is the loader (read, rename with the one key table, `Model.sanitize`, strict check) plus cast, quantize and
-save. Tensors stream through one at a time, so converting needs about one output shard of memory, not the model.
+This is the loader (read, rename with the one key table, the family's `sanitize`, strict check) plus cast, quantize
+and save. `models.family` picks the model class and config; the realtime release needs no renaming (its names are
+the model's) and has no control tokens to record. Tensors stream through one at a time, so converting needs
+about one output shard of memory, not the model.
 The folder is built beside the target and renamed into place at the end: it appears complete or not at all.
 """
 
@@ -21,12 +24,15 @@ from mlx.utils import tree_flatten
 
 from .. import __version__
 from .. import hub
-from ..checkpoint import check_weights, detect_layout, load_config, normalize_config, read_weights
+from ..checkpoint import REALTIME, check_weights, detect_layout, load_config, normalize_config, read_weights
 from ..constants import COMFYUI_MODEL_FOLDER, DEFAULT_CFG_SCALE, DEFAULT_STEPS, DTYPE_NAMES, GENERATION_CONFIG, mlx_dtype
 from ..errors import UserError, exists_message
 from ..keys import to_original
+from ..models import REALTIME as REALTIME_FAMILY, family, realtime
 from ..models.vibevoice import Model, ModelConfig
 from ..output import DiskFullError, writing
+from ..preset_store import DEFAULT_PRESET, PRESET_NAMES
+from ..realtime_api import DEFAULT_CFG_SCALE as RT_CFG_SCALE, DEFAULT_STEPS as RT_STEPS
 from .dtypes import RangeStats, cast
 
 logger = logging.getLogger(__name__)
@@ -34,6 +40,8 @@ logger = logging.getLogger(__name__)
 CONVERTER = f"vibevoice-mlx {__version__}"
 MAX_SHARD_BYTES = 1 << 30  # bounds the conversion's memory: one shard is held before it is written
 GENERATION_DEFAULTS = {"steps": DEFAULT_STEPS, "cfg_scale": DEFAULT_CFG_SCALE}  # what `load` reads back
+REALTIME_DEFAULTS = {"steps": RT_STEPS, "cfg_scale": RT_CFG_SCALE}  # the demos' settings (realtime.md §4.10)
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
 Q_BITS = (2, 3, 4, 5, 6, 8)
 Q_GROUP_SIZES = (32, 64, 128)
 class ConversionError(UserError):
@@ -77,13 +85,20 @@ def convert(
     _check_target(target, source, force)
 
     raw_config = load_config(source)
-    layout = detect_layout(raw_config)
-    config = normalize_config(raw_config, layout)
+    layout = detect_layout(raw_config)  # refuses a model_type of no known family in one line
+    is_realtime = family(raw_config) == REALTIME_FAMILY
     tok_folder = _tokenizer_folder(source, tokenizer)  # before the slow part: a missing tokenizer fails fast
-    _fill_token_ids(config, tok_folder)
+    config, mlx_model = _family_model(raw_config, layout, tok_folder)  # lazy parameters: shapes only
 
-    mlx_model = Model(ModelConfig.from_normalized(config))  # lazy parameters: shapes only, nothing computed
-    weights = mlx_model.sanitize(_rename(read_checkpoint(source, allow_pickle), layout), layout)
+    if is_realtime:
+        _check_realtime_source(model, source)
+        stored = read_checkpoint(source)
+        _refuse_encoder(model, stored)
+        dropped = sorted(set(stored) & set(realtime.UNUSED_KEYS))  # in the release, never read: left out on purpose
+    else:
+        stored, dropped = _rename(read_checkpoint(source, allow_pickle), layout), []
+    weights = mlx_model.sanitize(stored, layout)
+    del stored
     try:
         check_weights(mlx_model, weights)
     except ValueError as e:
@@ -112,10 +127,15 @@ def convert(
                 "float16_subnormal_values": stats.subnormal,
                 "float16_flushed_values": stats.flushed,
             }
+            if dropped:
+                out_config["conversion"]["dropped_tensors"] = {
+                    k: "never read (the TTS language model is always fed input embeddings)" for k in dropped}
             _write_json(tmp / "config.json", out_config)
-            _write_json(tmp / GENERATION_CONFIG, GENERATION_DEFAULTS)
+            _write_json(tmp / GENERATION_CONFIG, REALTIME_DEFAULTS if is_realtime else GENERATION_DEFAULTS)
             for f in _tokenizer_files(tok_folder):
                 shutil.copyfile(f, tmp / f.name)
+            if is_realtime and (source / PREPROCESSOR_CONFIG).is_file():
+                shutil.copyfile(source / PREPROCESSOR_CONFIG, tmp / PREPROCESSOR_CONFIG)
             (tmp / "README.md").write_text(_model_card(out_config, upload_repo or str(target)))
             _move_into_place(tmp, target)
     except DiskFullError as e:
@@ -128,7 +148,7 @@ def convert(
 
     if stats.subnormal:
         logger.info(stats.summary())
-    q = f", {q_bits}-bit LM (group {q_group_size})" if quantize else ""
+    q = f", {q_bits}-bit LM{'s' if is_realtime else ''} (group {q_group_size})" if quantize else ""
     logger.info("Converted %s parameters (%.2f GB, %s%s) in %.2f s to %s", f"{n_params:,}", n_bytes / 1e9, dtype, q,
                 time.perf_counter() - start, target)
     if upload_repo:
@@ -202,6 +222,37 @@ def _read_pickles(files: List[Path]) -> Dict[str, mx.array]:
             else:
                 out[k] = mx.array(t.contiguous().numpy())
     return out
+
+
+def _family_model(raw_config: Dict, layout: str, tok_folder: Path) -> Tuple[Dict, nn.Module]:
+    """The config to write and the (lazy) model of the checkpoint's family: the 1.5B/7B config is normalized and
+    given the tokenizer's control-token ids; the realtime one is kept as it is (its model reads the original
+    fields) and needs only a tokenizer that loads."""
+    if family(raw_config) == REALTIME_FAMILY:
+        config = {k: v for k, v in raw_config.items() if k not in ("quantization", "conversion")}
+        _open_tokenizer(tok_folder)
+        return config, realtime.RealtimeModel(realtime.RealtimeConfig.from_dict(config))
+    config = normalize_config(raw_config, layout)
+    _fill_token_ids(config, tok_folder)
+    return config, Model(ModelConfig.from_normalized(config))
+
+
+def _check_realtime_source(model: str, source: Path) -> None:
+    """The realtime release is one model.safetensors: .pt files beside it are voice presets, never weights."""
+    if not list(source.glob("*.safetensors")):
+        raise ConversionError(
+            f"{model}: no *.safetensors weights in {source}. VibeVoice-Realtime-0.5B is released as "
+            "model.safetensors (its .pt files are voice presets for `vibevoice-mlx voices`, not weights): "
+            "download the model's model.safetensors.")
+
+
+def _refuse_encoder(model: str, weights: Dict[str, mx.array]) -> None:
+    """An acoustic encoder means some other checkpoint: the realtime release has none (voices are presets)."""
+    encoder = next((k for k in sorted(weights) if k.startswith("model.acoustic_tokenizer.encoder.")), None)
+    if encoder:
+        raise ConversionError(f"{model}: {encoder} is an acoustic encoder tensor; VibeVoice-Realtime-0.5B has no "
+                              "encoder (voices are presets), so this is not the realtime release: convert the "
+                              "released model.safetensors.")
 
 
 def _rename(weights: Dict[str, mx.array], layout: str) -> Dict[str, mx.array]:
@@ -385,19 +436,31 @@ def _tokenizer_folder(source: Path, tokenizer: Optional[str]) -> Path:
     return folder
 
 
+def _tokenizer_refused(tok_folder: Path, e: Exception) -> ConversionError:
+    return ConversionError(f"The tokenizer in {tok_folder} cannot be used: {str(e).splitlines()[0]} Pass "
+                           "--tokenizer with the model's Qwen2.5 tokenizer.")
+
+
+def _open_tokenizer(tok_folder: Path):
+    """The tokenizer as `load` will open it; one that does not load is refused now, not after converting."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(tok_folder))
+    except (OSError, ValueError) as e:
+        raise _tokenizer_refused(tok_folder, e) from None
+
+
 def _fill_token_ids(config: Dict, tok_folder: Path) -> None:
     """Record the control-token ids (the original config has none; they come from the tokenizer), looked up by
     the same resolver `load` uses, so a tokenizer that generation would refuse is refused here."""
-    from transformers import AutoTokenizer
-
     from ..processor import SpecialTokens
 
+    tokenizer = _open_tokenizer(tok_folder)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(tok_folder))
         tokens = SpecialTokens.from_tokenizer(tokenizer, config.get("token_ids"))
     except (OSError, ValueError) as e:
-        raise ConversionError(f"The tokenizer in {tok_folder} cannot be used: {str(e).splitlines()[0]} Pass "
-                              "--tokenizer with the model's Qwen2.5 tokenizer.") from None
+        raise _tokenizer_refused(tok_folder, e) from None
     config["token_ids"] = {r: getattr(tokens, r) for r in ("speech_start", "speech_end", "speech_diffusion", "eos")}
 
 
@@ -407,10 +470,36 @@ def _fill_token_ids(config: Dict, tok_folder: Path) -> None:
 def _model_card(config: Dict, name: str) -> str:
     c = config["conversion"]
     q = config.get("quantization")
-    weights = f"{q['bits']}-bit language model (group size {q['group_size']}), other weights {c['dtype']}" if q \
+    is_realtime = c["source_layout"] == REALTIME
+    lms = "language models" if is_realtime else "language model"
+    weights = f"{q['bits']}-bit {lms} (group size {q['group_size']}), other weights {c['dtype']}" if q \
         else c["dtype"]
     rev = f" (revision `{c['revision']}`)" if c.get("revision") else ""
     dec = config["decoder_config"]
+    defaults = REALTIME_DEFAULTS if is_realtime else GENERATION_DEFAULTS
+    if is_realtime:
+        what = (f"Microsoft VibeVoice-Realtime-0.5B text-to-speech (model family `realtime`: hidden size "
+                f"{dec['hidden_size']}, {dec['num_hidden_layers']} layers of which "
+                f"{config['tts_backbone_num_hidden_layers']} TTS layers)")
+        kept = "the latent scaling factors and the decoder's layer scales"
+        dropped = "".join(f" `{k}` is left out, {why}." for k, why in c.get("dropped_tensors", {}).items())
+        names = ", ".join(f"`{n}`" for n in PRESET_NAMES)
+        use = f"""Voices are presets (no voice cloning): {names}; `vibevoice-mlx voices` lists them.
+
+```python
+import vibevoice_mlx as vv
+
+pipe = vv.load("{name}")
+result = vv.generate(pipe, "Hello from VibeVoice on MLX.", voices=["{DEFAULT_PRESET}"])
+```"""
+    else:
+        what = (f"Microsoft VibeVoice text-to-speech (model family `vibevoice`: hidden size {dec['hidden_size']}, "
+                f"{dec['num_hidden_layers']} layers)")
+        kept, dropped = "the latent scaling factors and the tokenizers' layer scales", ""
+        use = f"""```bash
+pip install ./vibevoice-mlx   # the clone's folder; on Linux also `sudo apt-get install libblis4-pthread` for speed
+vibevoice-mlx say --model {name} "Speaker 1: Hello from VibeVoice on MLX." --voice speaker1.wav -o hello.wav
+```"""
     return f"""---
 library_name: mlx
 pipeline_tag: text-to-speech
@@ -422,23 +511,19 @@ tags:
 
 # {Path(name).name}
 
-Microsoft VibeVoice text-to-speech (hidden size {dec['hidden_size']}, {dec['num_hidden_layers']} layers) in MLX
-format, converted from `{c['source']}`{rev} ({c['source_layout']} layout) with {c['converter']}.
+{what} in MLX format, converted from `{c['source']}`{rev} ({c['source_layout']} layout) with {c['converter']}.
 
-Weights: {weights}. Tensors that must stay float32 (the latent scaling factors and the tokenizers' layer scales)
-are float32. The tokenizer files are included, so loading needs no network.
+Weights: {weights}. Tensors that must stay float32 ({kept}) are float32.{dropped} The tokenizer files are
+included, so loading needs no network.
 
 ## Use
 
 vibevoice-mlx is not on PyPI: install it from a clone of its source, then speak.
 
-```bash
-pip install ./vibevoice-mlx   # the clone's folder; on Linux also `sudo apt-get install libblis4-pthread` for speed
-vibevoice-mlx say --model {name} "Speaker 1: Hello from VibeVoice on MLX." --voice speaker1.wav -o hello.wav
-```
+{use}
 
-Generation defaults ({GENERATION_DEFAULTS['steps']} diffusion steps, cfg scale {GENERATION_DEFAULTS['cfg_scale']})
-are in `generation_config.json`.
+Generation defaults ({defaults['steps']} diffusion steps, cfg scale {defaults['cfg_scale']}) are in
+`generation_config.json`.
 """
 
 

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from vibevoice_mlx.scheduler import DPMSolver, sample_latent
-from vibevoice_mlx.testing import REALTIME_TINY as DATA, assert_close, realtime_tiny
-from vibevoice_mlx.windows import TextIds, windows
+from vibevoice_mlx.testing import (REALTIME_RUNS, REALTIME_TINY as DATA, assert_close, realtime_golden_run,
+                                   realtime_tiny)
+from vibevoice_mlx.windows import TextIds
 
 
 @pytest.fixture(scope="module")
@@ -87,27 +88,13 @@ def test_language_models(model, comp, stream):
     assert_close(stream, h, comp[f"{stream}.last_hidden_state"], atol=1e-5)  # observed 2.1e-6
 
 
-@pytest.mark.parametrize("name", ["demo", "multiple5", "midwindow"])
-def test_whole_run(model, voice, golden, name):
-    spec = golden["runs"][name]
-    run = {k: np.array(v) for k, v in mx.load(str(DATA / f"run_{name}.safetensors")).items()}
-    stop = spec["stop_frame"]
-    probs = []
-
-    def rule(f, p):
-        probs.append(p)
-        return f >= stop
-
-    noise = mx.array(run["noise"])
-    audio = list(windows(model, voice, TextIds(run["text_ids"].tolist(), closed=True), lambda f: noise[f], rule,
-                         cfg_scale=spec["cfg_scale"], steps=spec["steps"]))
-    assert len(audio) == spec["frames_kept"] == stop + 1
-    got = np.concatenate([np.array(a) for a in audio])
-    want = run["audio_chunks"][: stop + 1].reshape(-1)
+@pytest.mark.parametrize("name", REALTIME_RUNS)
+def test_whole_run(model, voice, name):
+    got, want, probs, want_probs = realtime_golden_run(model, voice, name)
     peak = float(np.abs(want).max())
     assert_close(f"{name} audio", got, want, atol=5e-4 * peak)  # observed 6e-6 at peak 0.6
     # The EOS probabilities the forced rule saw are the reference's true values.
-    assert_close("EOS probabilities", np.array(probs), run["eos_prob"][: len(probs)], atol=1e-5)
+    assert_close("EOS probabilities", probs, want_probs, atol=1e-5)
 
 
 def test_a_batch_equals_its_solo_runs(model, voice, golden):
@@ -126,13 +113,13 @@ def test_a_batch_equals_its_solo_runs(model, voice, golden):
     for name in runs:
         b = Batch(model, cfg_scale=1.5, steps=5)
         b.add(row(name), voice)
-        solo[name] = np.concatenate([np.array(a) for _ in iter(lambda: b.rows, []) for _, a in b.step()])
+        solo[name] = np.concatenate([np.array(a) for _ in iter(lambda: b.active, False) for _, a in b.step()])
     b, rows = Batch(model, cfg_scale=1.5, steps=5), {}
     for name in runs:
         rows[name] = row(name)
         b.add(rows[name], voice)
     got = {name: [] for name in runs}
-    while b.rows:
+    while b.active:
         for r, a in b.step():
             got[next(n for n in rows if rows[n] is r)].append(np.array(a))
     for name in runs:

@@ -83,14 +83,15 @@ class Response:
 class ServerProcess:
     """`python -m vibevoice_mlx.server` on a free port of 127.0.0.1, with its log in a file."""
 
-    def __init__(self, model: Path, voices_dir: Path, log_dir: Path, *args: str, api_key: Optional[str] = API_KEY):
+    def __init__(self, model: Path, voices_dir: Path, log_dir: Path, *args: str, api_key: Optional[str] = API_KEY,
+                 env: Optional[Dict[str, str]] = None):
         self.port = free_port()
         self.api_key = api_key
         self.voices_dir = Path(voices_dir)
         self.log_path = Path(log_dir) / f"server-{self.port}.log"
         cmd = [sys.executable, "-m", "vibevoice_mlx.server", "--model", str(model), "--port", str(self.port),
                "--voices-dir", str(voices_dir), "--force-frames", *args]
-        env = {k: v for k, v in os.environ.items() if k != "VIBEVOICE_MLX_API_KEY"}
+        env = {**{k: v for k, v in os.environ.items() if k != "VIBEVOICE_MLX_API_KEY"}, **(env or {})}
         if api_key:
             env["VIBEVOICE_MLX_API_KEY"] = api_key
         self._log = open(self.log_path, "wb")
@@ -184,6 +185,21 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait(5)
         self._log.close()
+
+
+REALTIME = Path(__file__).parent / "data" / "realtime_tiny"
+
+
+def realtime_server(root: Path, *args: str, model: Optional[Path] = None) -> ServerProcess:
+    """A server of the tiny realtime model (and `args`) whose preset `test_voice` is the tiny model's voice.pt, in a
+    preset cache of its own under `root` (offline)."""
+    import shutil
+
+    presets = Path(root) / "cache" / "realtime-voices"
+    presets.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REALTIME / "voice.pt", presets / "test_voice.pt")
+    return ServerProcess(REALTIME / "model", Path(root) / "voices", root, "--tokenizer", str(REALTIME / "tokenizer"),
+                         *args, env={"VIBEVOICE_MLX_CACHE": str(Path(root) / "cache"), "VIBEVOICE_MLX_OFFLINE": "1"})
 
 
 def shared_server(tiny, tmp_path_factory) -> ServerProcess:

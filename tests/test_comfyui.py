@@ -24,7 +24,7 @@ from vibevoice_mlx.comfyui import models
 from vibevoice_mlx.comfyui.models import MODELS
 
 NODE_IDS = ["VibeVoiceSingleSpeakerNode", "VibeVoiceMultipleSpeakersNode", "VibeVoiceFreeMemoryNode",
-            "VibeVoiceSaveVoiceNode", "LoadTextFromFileNode"]
+            "VibeVoiceSaveVoiceNode", "LoadTextFromFileNode", "VibeVoiceRealtimeNode"]
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -201,7 +201,7 @@ def test_import_needs_neither_torch_nor_comfyui():
             "print(len(types), 'torch' in sys.modules and sys.modules['torch'] is not None)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["5", "False"]
+    assert out.stdout.split() == ["6", "False"]
 
 
 # --- the node contract -----------------------------------------------------------------------------------------

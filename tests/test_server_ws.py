@@ -7,9 +7,8 @@ whatever the delta boundaries. The 1.5B server is the shared tiny one: it speaks
 
 import base64
 import json
-import shutil
+import signal
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,31 +21,18 @@ from websockets.sync.client import connect  # noqa: E402
 from vibevoice_mlx.server.encode import to_pcm16  # noqa: E402
 from vibevoice_mlx.server.live import FORCED_FRAMES, forced_eos  # noqa: E402
 
-REALTIME = Path(__file__).parent / "data" / "realtime_tiny"
+REALTIME = sh.REALTIME
 HOP = 3200  # the tiny realtime model's samples per frame
 TEXT = "Hello world, how are you today? Fine."
 PIECES = ["Hel", "lo wor", "ld, how a", "re you to", "day? Fi", "ne."]  # split inside words
 
 
 @pytest.fixture(scope="module")
-def rt_server(tmp_path_factory, monkeypatch_module):
-    root = tmp_path_factory.mktemp("ws")
-    (root / "cache" / "realtime-voices").mkdir(parents=True)
-    shutil.copy(REALTIME / "voice.pt", root / "cache" / "realtime-voices" / "test_voice.pt")
-    monkeypatch_module.setenv("VIBEVOICE_MLX_CACHE", str(root / "cache"))
-    monkeypatch_module.setenv("VIBEVOICE_MLX_OFFLINE", "1")
-    server = sh.ServerProcess(REALTIME / "model", root / "voices", root, "--tokenizer", str(REALTIME / "tokenizer"),
-                              "--ws-idle-timeout", "2", "--ws-max-message-bytes", "2048",
-                              "--max-input-chars", "500", "--grace", "5")
+def rt_server(tmp_path_factory):
+    server = sh.realtime_server(tmp_path_factory.mktemp("ws"), "--ws-idle-timeout", "2",
+                                "--ws-max-message-bytes", "2048", "--max-input-chars", "500", "--grace", "5")
     yield server.wait_ready()
     server.stop()
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
 
 
 @pytest.fixture(scope="module")
@@ -207,3 +193,150 @@ def test_a_client_that_leaves_mid_stream_frees_its_row(rt_server, rt_pipe):
         send(ws, type="session.close")
         audio, _ = utterance(ws, timeout=60)
     assert audio == realtime_reference(rt_pipe, "Next.", 5)
+    # One that leaves while its audio is being sent: its row stops, the server logs no traceback.
+    with connect(ws_url(rt_server)) as ws:
+        send(ws, type="session.config", voice="test_voice", seed=5)
+        ws.recv(timeout=30)
+        send(ws, type="input.text", text="Leaving while this is spoken.")
+        send(ws, type="input.done")
+        assert isinstance(ws.recv(timeout=30), bytes)
+    deadline = time.monotonic() + 10
+    while (rt_server.health()["live_rows"] or rt_server.health()["live_sessions"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert rt_server.health()["live_rows"] == 0 and rt_server.health()["live_sessions"] == 0
+    assert "Traceback" not in rt_server.log(), rt_server.log()[-3000:]
+
+
+def test_sigterm_during_streaming_drains_then_closes(tmp_path, rt_pipe):
+    server = sh.realtime_server(tmp_path, "--grace", "20").wait_ready()
+    try:
+        with connect(ws_url(server)) as ws:
+            send(ws, type="session.config", voice="test_voice", seed=6)
+            ws.recv(timeout=30)
+            send(ws, type="input.text", text="Pending text that is spoken")
+            time.sleep(0.5)
+            server.terminate()
+            audio, done = utterance(ws)  # what was pending is spoken, then the session ends
+            messages, code = closing(ws)
+        assert audio == realtime_reference(rt_pipe, "Pending text that is spoken", 6)
+        assert [m["code"] for m in messages] == ["shutting_down"] and code == 1001
+        assert server.proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
+        assert "Traceback" not in server.log()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def server15(tiny, tmp_path_factory):
+    return sh.shared_server(tiny, tmp_path_factory)
+
+
+def test_15b_speaks_sentence_by_sentence(server15, tiny, tmp_path_factory):
+    pipe = sh.pipe(tiny, tmp_path_factory.mktemp("ref"))
+    with connect(ws_url(server15)) as ws:
+        send(ws, type="session.config", model="tts-1", seed=3, max_seconds=sh.seconds_for(3),
+             audio_transport="base64")
+        assert json.loads(ws.recv(timeout=30))["type"] == "session.created"
+        for piece in ["Speaker 1: First sent", "ence. Speaker 1: Sec", "ond one"]:
+            send(ws, type="input.text", text=piece)
+        send(ws, type="input.done")
+        audio, done = utterance(ws)
+        send(ws, type="session.close")
+        messages, code = closing(ws)
+    want = [sh.reference_pcm(pipe, s, 3, 3) for s in ("Speaker 1: First sentence.", "Speaker 1: Second one")]
+    assert np.array_equal(np.frombuffer(audio, "<i2"), np.concatenate(want))
+    assert done["usage"]["characters"] == len("Speaker 1: First sentence. Speaker 1: Second one")
+    assert done["usage"]["audio_seconds"] == pytest.approx(2 * sh.seconds_for(3))
+    assert messages == [] and code == 1000
+
+
+def test_15b_unknown_saved_voice(server15):
+    with connect(ws_url(server15)) as ws:
+        send(ws, type="session.config", voice="nobody")
+        messages, code = closing(ws)
+    assert messages[0]["code"] == "unknown_voice" and code == 1008
+
+
+def test_post_speech_with_the_realtime_model_and_its_presets(rt_server, rt_pipe):
+    r = rt_server.speech(input=TEXT, voice="test_voice", seed=9, response_format="pcm")
+    assert r.status == 200, r.body[:300]
+    assert r.body == realtime_reference(rt_pipe, TEXT, 9)
+    bad = rt_server.speech(input=TEXT, voice="nobody", response_format="pcm")
+    assert bad.status == 400 and bad.error["code"] == "voice_not_found"
+    presets = {p["id"]: p for p in rt_server.request("GET", "/v1/voices").json()["presets"]}
+    assert presets["test_voice"] == {"id": "test_voice", "object": "voice.preset", "known": False,
+                                     "downloaded": True}
+    assert presets["en-Carter_man"]["known"] and not presets["en-Carter_man"]["downloaded"]
+
+
+def test_a_session_waiting_for_text_holds_no_one_up(rt_server, rt_pipe):
+    with connect(ws_url(rt_server)) as a, connect(ws_url(rt_server)) as b:
+        send(a, type="session.config", voice="test_voice", seed=11)
+        send(b, type="session.config", voice="test_voice", seed=12)
+        a.recv(timeout=30), b.recv(timeout=30)
+        send(a, type="input.text", text="A slow typist who writes")  # a window and a half: then a wait
+        time.sleep(0.3)
+        send(b, type="input.text", text="Quick one.")
+        send(b, type="input.done")
+        got_b, _ = utterance(b, timeout=30)  # while a still waits for its text
+        send(a, type="input.text", text=" on and on.")
+        send(a, type="input.done")
+        got_a, _ = utterance(a)
+    assert got_b == realtime_reference(rt_pipe, "Quick one.", 12)
+    assert got_a == realtime_reference(rt_pipe, "A slow typist who writes on and on.", 11)
+
+
+def test_several_models_in_one_server(tiny, tmp_path, rt_pipe):
+    big = sh.model_folder(tiny, tmp_path)
+    server = sh.realtime_server(tmp_path, "--model", str(big), "--tokenizer", "").wait_ready()
+    try:
+        ids = [m["id"] for m in server.request("GET", "/v1/models").json()["data"]]
+        assert ids == ["model", big.name]
+        # An OpenAI alias means the first model (realtime); the other is chosen by its id.
+        first = server.speech(input="Alias.", voice="test_voice", seed=2, response_format="pcm")
+        assert first.status == 200 and first.body == realtime_reference(rt_pipe, "Alias.", 2)
+        other = server.speech(model=big.name, input="Speaker 1: Other.", seed=3, response_format="pcm",
+                              max_seconds=sh.seconds_for(3))
+        want = sh.reference_pcm(sh.pipe(tiny, tmp_path), "Speaker 1: Other.", 3, 3)
+        assert other.status == 200 and np.array_equal(np.frombuffer(other.body, "<i2"), want)
+        with connect(ws_url(server)) as ws:
+            send(ws, type="session.config", model=big.name, seed=3, max_seconds=sh.seconds_for(3))
+            assert json.loads(ws.recv(timeout=30))["model"] == big.name
+            send(ws, type="input.text", text="Speaker 1: Other.")
+            send(ws, type="session.close")
+            audio, _ = utterance(ws)
+        assert np.array_equal(np.frombuffer(audio, "<i2"), want)
+        missing = server.speech(model="nope", input="x")
+        assert missing.status == 404 and "'model'" in missing.error["message"]
+    finally:
+        server.stop()
+
+
+def test_serve_refuses_two_models_of_one_name_and_a_tokenizer_count_that_does_not_fit(tmp_path):
+    from click.testing import CliRunner
+
+    from vibevoice_mlx.server.cli import serve
+
+    (tmp_path / "a" / "m").mkdir(parents=True), (tmp_path / "b" / "m").mkdir(parents=True)
+    r = CliRunner().invoke(serve, ["--model", str(tmp_path / "a" / "m"), "--model", str(tmp_path / "b" / "m")])
+    assert r.exit_code == 2 and "two models are named 'm'" in r.output
+    r = CliRunner().invoke(serve, ["--model", "x", "--model", "y", "--model", "z", "--tokenizer", "t",
+                                   "--tokenizer", "u"])
+    assert r.exit_code == 2 and "one per --model (3), not 2" in r.output
+
+
+def test_15b_speaks_in_the_sessions_saved_voice(server15):
+    clip = np.random.default_rng(3).standard_normal(6400).astype(np.float32) * 0.1
+    r = server15.upload_voice("ws_voice", sh.wav_bytes(clip), overwrite="true")
+    assert r.status in (200, 201), r.body[:300]
+    sentences = ["Speaker 1: One.", "Speaker 1: Two!"]
+    want = b"".join(server15.speech(input=s, voice="ws_voice", seed=8, response_format="pcm",
+                                    max_seconds=sh.seconds_for(3)).body for s in sentences)
+    plain = server15.speech(input=sentences[0], seed=8, response_format="pcm", max_seconds=sh.seconds_for(3)).body
+    with connect(ws_url(server15)) as ws:
+        send(ws, type="session.config", voice="ws_voice", seed=8, max_seconds=sh.seconds_for(3))
+        assert json.loads(ws.recv(timeout=30))["voice"] == "ws_voice"
+        send(ws, type="input.text", text=" ".join(sentences))
+        send(ws, type="session.close")
+        audio, _ = utterance(ws)
+    assert audio == want and audio[:len(plain)] != plain  # the voice was used

@@ -13,7 +13,7 @@ from .checkpoint import MLX, REALTIME, Checkpoint, LoadError, check_weights, rea
 from .constants import SAMPLE_RATE, mlx_dtype
 from .keys import to_original
 from .models import REALTIME as REALTIME_FAMILY
-from .models.realtime import RealtimeConfig, RealtimeModel
+from .models.realtime import MODEL_TYPE as REALTIME_MODEL_TYPE, RealtimeConfig, RealtimeModel
 from .models.vibevoice import Model, ModelConfig
 from .processor import SpecialTokens
 
@@ -142,8 +142,16 @@ def load_tokenizer(folder: Path, tokenizer: Optional[Union[str, Path]] = None):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if (Path(source) / name).is_file():
             read_json(Path(source) / name)  # a damaged file is named, not a traceback from the tokenizers library
+    extra = {}
+    config_path = Path(source) / "config.json"
+    if config_path.is_file() and read_json(config_path).get("model_type") == REALTIME_MODEL_TYPE:
+        from transformers import PretrainedConfig
+
+        # A converted realtime folder: transformers knows no vibevoice_streaming and would fall back to this
+        # empty config anyway, with a warning about the model type on every load.
+        extra["config"] = PretrainedConfig()
     try:
-        return AutoTokenizer.from_pretrained(str(source))
+        return AutoTokenizer.from_pretrained(str(source), **extra)
     except (OSError, ValueError) as e:  # a damaged tokenizer.json surfaces as either
         raise LoadError(f"Cannot load the tokenizer in {source} ({str(e).splitlines()[0]}): download or convert "
                         "the model again, or pass --tokenizer.") from None
@@ -189,8 +197,13 @@ def load(
         if backend == "torch":
             raise LoadError(f"{ckpt.folder} is VibeVoice-Realtime-0.5B, which has no PyTorch implementation to run "
                             "(transformers has none yet): use the MLX backend (drop --backend torch).")
-        return RealtimePipeline(build_model(ckpt, config, dtype), tok, ckpt.folder, config,
-                                max_batch=max_batch, generation=dict(ckpt.generation))
+        model = build_model(ckpt, config, dtype)
+        if batch_invariant:
+            from .windows import invariant_model
+
+            invariant_model(model)
+        return RealtimePipeline(model, tok, ckpt.folder, config, max_batch=max_batch,
+                                generation=dict(ckpt.generation))
     if backend == "torch":
         from .torch_engine import TorchBackend
 

@@ -73,8 +73,8 @@ def events(pipe: RealtimePipeline, scripts, voices, configs, noises, stops, eos_
     presets = [load_voice_preset(_one_voice(v), shape=shape) for v in voices]
     batch = Batch(pipe.model, configs[0].cfg_scale, configs[0].steps, pipe.dtype)
     pending, rows = list(range(len(scripts))), {}
-    while pending or batch.rows:
-        while pending and len(batch.rows) < pipe.max_batch:
+    while pending or batch.active:
+        while pending and len(batch.rows) + len(batch.parked) < pipe.max_batch:
             i = pending.pop(0)
             seconds = configs[i].max_seconds
             max_frames = None if seconds is None else max(1, int(seconds * pipe.sample_rate // pipe.hop_length))

@@ -42,16 +42,47 @@ def tiny_checkpoint(root: Path = None, seed: int = 0, dtype: str = "float32", ti
     return _BUILT[key]
 
 
-def realtime_tiny(tmp: Path):
-    """The tiny realtime model in float32 as a pipeline, and its voice preset read from the reference's .pt through
-    the restricted reader and the saved-voice format (as a user's preset goes): (pipe, voice)."""
+def realtime_tiny(tmp: Path, folder: Optional[Path] = None, dtype: str = "float32"):
+    """The tiny realtime model (or `folder`, a conversion of it) in `dtype` as a pipeline, and its voice preset read
+    from the reference's .pt through the restricted reader and the saved-voice format (as a user's preset goes):
+    (pipe, voice)."""
     from .loader import load
     from .presets import PresetShape, convert_pt, load_preset
 
-    pipe = load(REALTIME_TINY / "model", dtype="float32", tokenizer=REALTIME_TINY / "tokenizer")
+    tokenizer = None if folder is not None else REALTIME_TINY / "tokenizer"  # a converted folder bundles it
+    pipe = load(folder or REALTIME_TINY / "model", dtype=dtype, tokenizer=tokenizer)
     path = Path(tmp) / "voice.safetensors"
     convert_pt(REALTIME_TINY / "voice.pt", path)
     return pipe, load_preset(path, shape=PresetShape.from_config(pipe.config.raw))
+
+
+def realtime_golden_run(model, voice, name: str, dtype=None):
+    """Golden run `name` of tests/data/realtime_tiny replayed on `model` (the reference's injected noise and forced
+    stop; `dtype` the compute dtype, float32 unless given): (audio, reference audio, EOS probabilities the stop
+    rule saw, the reference's), each over the kept frames."""
+    import json
+
+    import mlx.core as mx
+
+    from .windows import TextIds, windows
+
+    spec = json.loads((REALTIME_TINY / "golden.json").read_text())["runs"][name]
+    run = {k: np.array(v) for k, v in mx.load(str(REALTIME_TINY / f"run_{name}.safetensors")).items()}
+    stop, probs = spec["stop_frame"], []
+
+    def rule(f, p):
+        probs.append(p)
+        return f >= stop
+
+    noise = mx.array(run["noise"])
+    audio = list(windows(model, voice, TextIds(run["text_ids"].tolist(), closed=True), lambda f: noise[f], rule,
+                         cfg_scale=spec["cfg_scale"], steps=spec["steps"], dtype=dtype or mx.float32))
+    assert len(audio) == spec["frames_kept"] == stop + 1, (len(audio), spec["frames_kept"], stop)
+    got = np.concatenate([np.array(a.astype(mx.float32)) for a in audio])
+    return got, run["audio_chunks"][: stop + 1].reshape(-1), np.array(probs), run["eos_prob"][: len(probs)]
+
+
+REALTIME_RUNS = ("demo", "multiple5", "midwindow")  # the golden runs (tests/data/realtime_tiny/golden.json)
 
 
 def to_numpy(x) -> np.ndarray:

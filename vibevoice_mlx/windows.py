@@ -1,17 +1,21 @@
 """The realtime model's generation loop: windows of 5 text ids and 6 speech frames (realtime.md §4), for B
-utterances at once.
+utterances at once, which may join and leave at any step.
 
 Each utterance (a `Row`) owns: its text ids as they become final (`TextIds`, so speech for a window starts as soon
 as its ids are known, realtime.md §6), its noise, its stop rule, and three KV caches seeded from its voice preset:
-the lower LM's, and the positive and negative TTS LM's. A `Batch` keeps every row's caches as one left-padded
-mlx-lm `BatchKVCache` per layer (the TTS LM's as a `backbone.CFGCache`: row 2i positive, 2i+1 negative), so one
-step reads each weight once for all rows. A step is: the text window of every row that starts a window (fed
-together, shorter rows right-padded), then one frame for every row: the CFG diffusion sample, the streaming decode,
-and the feedback of the latent to both TTS branches with the EOS check.
+the lower LM's, and the positive and negative TTS LM's. A `Batch` runs the speech frames of every row in flight
+together: the TTS LM caches of all rows as one left-padded `backbone.CFGCache` (row 2i positive, 2i+1 negative),
+so a frame reads each weight once for all rows. A text window is a row's own: the row steps out of the batch, its
+ids go through the lower LM and the positive TTS LM alone, and it steps back in. A row whose next ids are not final
+yet stays out (parked) without holding the others up, and rejoins when they are.
+
+`batch_invariant=True` runs every product of a frame once per row (invariant.py, backbone.ScriptAttention): a row's
+audio then equals its solo run bit for bit on any BLAS, whoever shares its batch and whenever it joined. Without it
+the equality holds within float32 rounding only (it is exact on MLX's bundled BLAS).
 
 The stop is `eos_rule(frame_index, probability) -> bool`, by default `probability > 0.5` (strict, float32). The
 frames after the stop in the same window are not computed: the reference computes and drops them, and nothing
-returned depends on them (realtime.md §4.5). A row's frames are the same whatever rows share its batch.
+returned depends on them (realtime.md §4.5).
 """
 
 from dataclasses import dataclass, field
@@ -20,6 +24,7 @@ from typing import Callable, Iterator, List, Optional, Sequence
 import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
+from . import backbone, invariant
 from .backbone import CFGCache
 from .models.realtime import SPEECH_WINDOW, TEXT_WINDOW, RealtimeModel
 from .scheduler import DPMSolver, sample_latent
@@ -61,19 +66,27 @@ class Row:
     windows: int = 0  # windows begun
     positions: int = 0  # positions held by its positive TTS cache (the context limit counts the preset, §4.8)
     stop: Optional[str] = None  # why it ended: "eos", "max_frames", "context" or "cancelled"
-    started: bool = field(default=False, repr=False)  # has had a text window (h⁺ is defined)
+    # Its state while out of the batch: lower, positive and negative caches, conditions, decoder state.
+    state: dict = field(default_factory=dict, repr=False)
 
     @property
     def done(self) -> bool:
         return self.stop is not None
 
-    def window_ids(self) -> List[int]:
+    @property
+    def at_window(self) -> bool:
+        """Its next frame begins a window: its text window (if any) comes first."""
+        return self.frames == SPEECH_WINDOW * self.windows
+
+    def ready(self) -> bool:
+        """Its next window's ids are final (or its text has ended); with a `wait`, waits for them."""
         need = TEXT_WINDOW * (self.windows + 1)
-        while len(self.text.ids) < need and not self.text.closed:
-            if self.wait is None:
-                raise ValueError("the text source is not closed and no wait function was given")
+        while len(self.text.ids) < need and not self.text.closed and self.wait is not None:
             self.wait(self.text, need)
-        return self.text.ids[TEXT_WINDOW * self.windows : need]
+        return len(self.text.ids) >= need or self.text.closed
+
+    def window_ids(self) -> List[int]:
+        return self.text.ids[TEXT_WINDOW * self.windows : TEXT_WINDOW * (self.windows + 1)]
 
 
 def _caches(branch, dtype) -> List[KVCache]:
@@ -88,104 +101,123 @@ def _caches(branch, dtype) -> List[KVCache]:
     return out
 
 
-def _right_padded(caches, padding: Sequence[int], run):
-    """Run `run()` on chunks whose shorter rows are right-padded by `padding`; the padding becomes left padding
-    (masked from then on)."""
-    for c in caches:
-        c.prepare(right_padding=list(padding))
-    out = run()
-    for c in caches:
-        c.finalize()
-    return out
+def invariant_model(model: RealtimeModel) -> None:
+    """Make every product of a frame one per row (`invariant.py`): the TTS LM's rows come in CFG pairs, every
+    other part's batch axis has one entry per row. The weights move to the decode layout that carries the per-row
+    products (`backbone.DecodeLinear`): the same products, summed in another order (float32 rounding)."""
+    m = model.model
+    parts = (m.tts_language_model, m.prediction_head, m.acoustic_tokenizer.decoder, m.acoustic_connector,
+             model.tts_eos_classifier)
+    for part in parts:
+        backbone.to_decode_layout(part)
+    backbone.batch_invariant(m.tts_language_model)
+    for part in parts:
+        invariant.set_group(part, 2 if part is m.tts_language_model else 1)
+    model.batch_invariant = True
 
 
 class Batch:
-    """The state of every row in flight; `add` a row with its preset, `step` until `rows` is empty."""
+    """The rows in flight; `add` a row with its preset, `step` until `rows` and `parked` are empty."""
 
     def __init__(self, model: RealtimeModel, cfg_scale: float = 1.5, steps: int = 5, dtype=mx.float32):
         self.model = model
         self.cfg_scale = float(cfg_scale)
         self.schedule = DPMSolver.from_config(model.config.scheduler).schedule(steps)
         self.dtype = dtype
-        self.rows: List[Row] = []
-        self.lower: Optional[List[BatchKVCache]] = None
+        self.rows: List[Row] = []  # in the batch, in its order
+        self.parked: List[Row] = []  # out of it: beginning a window (text first) or waiting for their text
         self.tts: Optional[CFGCache] = None
         self.h_pos = self.h_neg = None  # [B, H] float32
         self.decoder_state = None
 
+    @property
+    def active(self) -> bool:
+        return bool(self.rows or self.parked)
+
     def add(self, row: Row, voice) -> None:
-        """Join `row` with its preset (`presets.RealtimeVoice`); it begins at its first window."""
-        lower = [BatchKVCache.merge([c]) for c in _caches(voice.caches["lm"], self.dtype)]
-        pos, neg = _caches(voice.caches["tts_lm"], self.dtype), _caches(voice.caches["neg_tts_lm"], self.dtype)
-        tts = CFGCache([BatchKVCache.merge([p, n]) for p, n in zip(pos, neg)])
-        h_neg = voice.neg_hidden.reshape(1, -1).astype(mx.float32)
-        state = self.model.model.acoustic_tokenizer.decoder.make_state(1)
+        """Join `row` with its preset (`presets.RealtimeVoice`); it begins with its first window."""
         row.positions = voice.caches["tts_lm"][0].shape[2]
+        row.state = {"lower": _caches(voice.caches["lm"], self.dtype),
+                     "pos": _caches(voice.caches["tts_lm"], self.dtype),
+                     "neg": _caches(voice.caches["neg_tts_lm"], self.dtype),
+                     "h_pos": None, "h_neg": voice.neg_hidden.reshape(1, -1).astype(mx.float32),
+                     "decoder": self.model.model.acoustic_tokenizer.decoder.make_state(1)}
+        self.parked.append(row)
+
+    def _join(self, row: Row) -> None:
+        st = row.state
+        tts = CFGCache([BatchKVCache.merge([p, n]) for p, n in zip(st["pos"], st["neg"])])
         if not self.rows:
-            self.lower, self.tts, self.h_neg, self.decoder_state = lower, tts, h_neg, state
-            self.h_pos = mx.zeros_like(h_neg)
+            self.tts, self.h_pos, self.h_neg, self.decoder_state = tts, st["h_pos"], st["h_neg"], st["decoder"]
         else:
-            for c, o in zip(self.lower, lower):
-                c.extend(o)
             self.tts.add(tts)
-            self.h_neg = mx.concatenate([self.h_neg, h_neg])
-            self.h_pos = mx.concatenate([self.h_pos, mx.zeros_like(h_neg)])
-            self.decoder_state = [mx.concatenate([s, t]) for s, t in zip(self.decoder_state, state)]
+            self.h_pos = mx.concatenate([self.h_pos, st["h_pos"]])
+            self.h_neg = mx.concatenate([self.h_neg, st["h_neg"]])
+            self.decoder_state = [mx.concatenate([a, b]) for a, b in zip(self.decoder_state, st["decoder"])]
+        row.state = {"lower": st["lower"]}
         self.rows.append(row)
 
-    def _keep(self, keep: List[int]) -> None:
-        if len(keep) == len(self.rows):
+    def _leave(self, rows: Sequence[Row]) -> None:
+        """Take these rows out of the batch, their state kept on them (parked) unless they are done."""
+        if not rows:
             return
+        out = {id(r) for r in rows}
+        keep = [i for i, r in enumerate(self.rows) if id(r) not in out]
+        for i, row in enumerate(self.rows):
+            if id(row) in out and not row.done:
+                row.state.update(pos=[c.extract(2 * i) for c in self.tts], neg=[c.extract(2 * i + 1) for c in self.tts],
+                                 h_pos=self.h_pos[i:i + 1], h_neg=self.h_neg[i:i + 1],
+                                 decoder=[s[i:i + 1] for s in self.decoder_state])
+                self.parked.append(row)
         self.rows = [self.rows[i] for i in keep]
         if not keep:
-            self.lower = self.tts = self.h_pos = self.h_neg = self.decoder_state = None
+            self.tts = self.h_pos = self.h_neg = self.decoder_state = None
             return
         idx = mx.array(keep)
-        for c in self.lower:
-            c.filter(idx)
         self.tts.keep(keep)
         self.h_pos, self.h_neg = self.h_pos[idx], self.h_neg[idx]
         self.decoder_state = [s[idx] for s in self.decoder_state]
 
-    def _text(self) -> None:
-        """The text windows of the rows that begin a window (realtime.md §4.3), fed as one right-padded chunk."""
+    def _text(self, row: Row, ids: List[int]) -> None:
+        """A row's text window, alone (realtime.md §4.3): its ids through the lower LM, then the positive TTS LM."""
+        st = row.state
+        g = self.model.lower(mx.array([ids]), st["lower"])
+        st["h_pos"] = self.model.tts(g, 1, st["pos"])[:, -1].astype(mx.float32)
+        row.positions += len(ids)
+
+    def _windows(self) -> None:
+        """Rows that begin a window step out; a parked row whose ids are final gets its text window and steps in."""
+        for row in [r for r in self.rows if r.at_window]:
+            if row.windows * TEXT_WINDOW < len(row.text.ids) or not row.text.closed:
+                self._leave([row])  # text to feed, or to wait for
+            else:
+                row.windows += 1  # a speech-only window: it stays
         limit = self.model.config.max_positions
-        ids = []
-        for row in self.rows:
-            window = []
-            if row.frames % SPEECH_WINDOW == 0 and row.frames // SPEECH_WINDOW == row.windows:
-                window = row.window_ids()
+        for row in list(self.parked):
+            if row.at_window:
+                if not row.ready():
+                    continue  # parked until its text is final; the others go on
+                ids = row.window_ids()
                 row.windows += 1
-                if window and row.positions + len(window) > limit:
-                    row.stop, window = "context", []
-                elif not window and not row.started:
+                if ids and row.positions + len(ids) > limit:
+                    row.stop = "context"
+                elif ids:
+                    self._text(row, ids)
+                elif row.state.get("h_pos") is None:
                     raise ValueError("the first text window is empty: the processor always gives at least one id")
-            ids.append(window)
-        n = max(len(w) for w in ids)
-        if n == 0:
-            return
-        pad = [n - len(w) for w in ids]
-        tokens = mx.array([w + [0] * (n - len(w)) for w in ids])
-        g = _right_padded(self.lower, pad, lambda: self.model.lower(tokens, self.lower))
-        both = mx.stack([g, mx.zeros_like(g)], axis=1).reshape(-1, n, g.shape[-1])  # negative rows: no text
-        h = _right_padded(self.tts, [p for q in pad for p in (q, n)],
-                          lambda: self.model.tts(both, 1, self.tts))[0::2].astype(mx.float32)
-        fed = [i for i, w in enumerate(ids) if w]
-        last = mx.array([len(ids[i]) - 1 for i in fed])
-        self.h_pos[mx.array(fed)] = h[mx.array(fed), last]
-        for i in fed:
-            self.rows[i].positions += len(ids[i])
-            self.rows[i].started = True
+            self.parked.remove(row)
+            if not row.done:
+                self._join(row)
 
     def step(self) -> List[tuple]:
-        """One frame for every row (after the text windows due): [(row, audio [hop] float32)]; rows that stop
-        leave the batch."""
-        for row in self.rows:
-            if row.should_stop is not None and row.should_stop():
+        """One frame for every row that can make one: [(row, audio [hop] float32)]. Rows that stop leave; rows
+        whose text is not final yet wait outside (no audio from them this step)."""
+        for row in self.rows + self.parked:
+            if row.should_stop is not None and not row.done and row.should_stop():
                 row.stop = "cancelled"
-        self._keep([i for i, r in enumerate(self.rows) if not r.done])
-        self._text()
-        self._keep([i for i, r in enumerate(self.rows) if not r.done])
+        self.parked = [r for r in self.parked if not r.done]
+        self._leave([r for r in self.rows if r.done])
+        self._windows()
         if not self.rows:
             return []
         m = self.model.model
@@ -204,10 +236,11 @@ class Batch:
             elif row.positions + 1 > limit:
                 row.stop = "context"  # heard, never fed back (§4.8)
         feeding = [i for i, r in enumerate(self.rows) if not r.done]
-        self._keep(feeding)
+        if len(feeding) < len(self.rows):
+            z = z[mx.array(feeding)] if feeding else z
+            self._leave([r for r in self.rows if r.done])
         if self.rows:
-            z = z[mx.array(feeding)] if len(feeding) != z.shape[0] else z
-            e = m.acoustic_connector(z.astype(m.acoustic_connector.fc1.weight.dtype))[:, None]
+            e = m.acoustic_connector(z[:, None].astype(self.dtype))  # [B, 1, H]: one product per row
             h = self.model.tts(mx.repeat(e, 2, axis=0), 0, self.tts)[:, -1].astype(mx.float32)
             self.h_pos, self.h_neg = h[0::2], h[1::2]
             p = self.model.eos_probability(self.h_pos).tolist()
@@ -215,7 +248,7 @@ class Batch:
                 row.positions += 1
                 if row.eos_rule(row.frames - 1, prob):
                     row.stop = "eos"
-            self._keep([i for i, r in enumerate(self.rows) if not r.done])
+            self._leave([r for r in self.rows if r.done])
         return out
 
 
@@ -225,6 +258,9 @@ def windows(model: RealtimeModel, voice, text: TextIds, noise: Callable[[int], m
     """One utterance through the schedule: the audio [hop] of every kept frame (realtime.md §4.11, §6.3)."""
     batch = Batch(model, cfg_scale, steps, dtype)
     batch.add(Row(text, noise, eos_rule, max_frames, wait), voice)
-    while batch.rows:
-        for _, audio in batch.step():
+    while batch.active:
+        made = batch.step()
+        if not made and batch.parked and not batch.rows and all(not r.ready() for r in batch.parked):
+            raise ValueError("the text source is not closed and no wait function was given")
+        for _, audio in made:
             yield audio

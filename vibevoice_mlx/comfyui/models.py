@@ -14,11 +14,15 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from ..constants import COMFYUI_MODEL_FOLDER
+from ..models import MODEL_TYPES, REALTIME, VIBEVOICE, family
+from .management import register
 
 logger = logging.getLogger(__name__)
 
 FOLDER_KIND = COMFYUI_MODEL_FOLDER  # models/vibevoice/, the folder the PyTorch VibeVoice packs use
 HUB_MODELS = ("microsoft/VibeVoice-1.5B",)
+NO_REALTIME_MODEL = "no realtime model in models/vibevoice/"  # the realtime node's list when there is none
+FAMILY_NAMES = {VIBEVOICE: "VibeVoice 1.5B/7B", REALTIME: "VibeVoice-Realtime-0.5B"}
 QUANTIZE_BITS = {"full precision": None, "4bit": 4, "8bit": 8}
 ATTENTION_TYPES = ("auto", "eager", "sdpa", "flash_attention_2", "sage")
 # transformers' VibeVoice on this project's PyTorch path knows auto, sdpa and eager; the CUDA-only kernels of the
@@ -106,12 +110,18 @@ def read_config(folder: Path) -> Optional[dict]:
         return None
 
 
-def is_model_folder(folder: Path) -> bool:
-    """A VibeVoice folder: converted by us, or a PyTorch checkpoint in safetensors."""
+def folder_family(folder: Path) -> Optional[str]:
+    """The family (models.VIBEVOICE or REALTIME) of a VibeVoice folder, converted by us or a PyTorch checkpoint in
+    safetensors; None for anything else."""
     config = read_config(folder)
     if config is None or not any(Path(folder).glob("model*.safetensors")):
-        return False
-    return "conversion" in config or config.get("model_type") == "vibevoice"
+        return None
+    if "conversion" not in config and config.get("model_type") not in set(MODEL_TYPES) - {None}:
+        return None  # a folder of some other model (a PyTorch VibeVoice folder names its model_type)
+    try:
+        return family(config)
+    except KeyError:
+        return None
 
 
 def _subfolders(root: Path) -> List[Path]:
@@ -121,31 +131,44 @@ def _subfolders(root: Path) -> List[Path]:
         return []
 
 
-def available_models() -> Dict[str, str]:
-    """Entry name -> local folder or hub id, in the order the `model` input lists them (first name wins)."""
+def available_models(kind: str = VIBEVOICE) -> Dict[str, str]:
+    """Entry name -> local folder or hub id of the `kind` family, in the order the `model` input lists them (first
+    name wins)."""
     entries: Dict[str, str] = {}
     for root in model_dirs():
         for sub in _subfolders(root):
-            if is_model_folder(sub):
+            if folder_family(sub) == kind:
                 entries.setdefault(sub.name, str(sub))
     for sub in _subfolders(cache_dir() / "models"):
-        if "conversion" in (read_config(sub) or {}):
+        if "conversion" in (read_config(sub) or {}) and folder_family(sub) == kind:
             entries.setdefault(sub.name, str(sub))
-    for repo in HUB_MODELS:
+    for repo in HUB_MODELS if kind == VIBEVOICE else ():
         entries.setdefault(repo, repo)
     return entries
 
 
-def resolve_entry(name: str) -> str:
-    """A `model` value as a local folder or hub id: a listed entry, or (from Python) a folder or repo id."""
-    entries = available_models()
+def resolve_entry(name: str, kind: str = VIBEVOICE) -> str:
+    """A `model` value as a local folder or hub id: a listed entry, or (from Python) a folder or repo id. A folder of
+    the other family is refused (its node is another)."""
+    entries = available_models(kind)
     if name in entries:
         return entries[name]
-    if Path(name).expanduser().is_dir():
-        return str(Path(name).expanduser())
-    if _HUB_ID.fullmatch(name):
+    folder = Path(name).expanduser()
+    other = next((f for f in FAMILY_NAMES if f != kind and name in available_models(f)), None)
+    if other is None and folder.is_dir():
+        found = folder_family(folder)
+        if found in (None, kind):
+            return str(folder)
+        other = found
+    if other is not None:
+        node = "VibeVoice Realtime (MLX)" if other == REALTIME else "VibeVoice Single Speaker or Multiple Speakers"
+        raise ValueError(f"{name} is a {FAMILY_NAMES[other]} model: use it with the {node} node.")
+    if kind == VIBEVOICE and _HUB_ID.fullmatch(name):
         return name
     where = ", ".join(str(d) for d in model_dirs()) or str(cache_dir() / "models")
+    if kind == REALTIME:
+        raise ValueError(f"Realtime model {name!r} not found: put a VibeVoice-Realtime-0.5B folder (its config.json, "
+                         f"model.safetensors and the Qwen2.5 tokenizer files) into {where} and choose it.")
     raise ValueError(f"Model {name!r} not found: convert one into {where} (`vibevoice-mlx convert --model "
                      f"microsoft/VibeVoice-1.5B --mlx-path <there>/VibeVoice-1.5B`) or choose one from the list.")
 
@@ -212,7 +235,7 @@ def load_pipeline(model: str, quantize_llm: str = "full precision", backend: str
         raise ValueError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}.")
     if attention not in ATTENTION_TYPES:
         raise ValueError(f"attention_type {attention!r} is not one of {', '.join(ATTENTION_TYPES)}.")
-    source = resolve_entry(model)
+    source = resolve_entry(model, VIBEVOICE)
     folder = Path(source).expanduser()
     if backend == "torch":
         if QUANTIZE_BITS[quantize_llm]:
@@ -230,33 +253,74 @@ def load_pipeline(model: str, quantize_llm: str = "full precision", backend: str
     return vv.load(quantized_source(source, bits), backend="mlx")
 
 
+def load_realtime(model: str):
+    """Load the VibeVoice-Realtime-0.5B folder a realtime node's `model` names (MLX only; its tokenizer files beside
+    config.json, as a converted folder has them)."""
+    import vibevoice_mlx as vv
+
+    if model == NO_REALTIME_MODEL:
+        raise ValueError(f"No VibeVoice-Realtime-0.5B model in {', '.join(str(d) for d in model_dirs())}: put the "
+                         "microsoft/VibeVoice-Realtime-0.5B folder there (with the Qwen2.5 tokenizer files) and "
+                         "refresh.")
+    folder = Path(resolve_entry(model, REALTIME)).expanduser()
+    if not _has_tokenizer(folder):
+        raise ValueError(f"{folder} has no tokenizer files: copy tokenizer.json and tokenizer_config.json (with "
+                         "vocab.json and merges.txt) of Qwen/Qwen2.5-0.5B into it.")
+    return vv.load(folder, backend="mlx")
+
+
+def _active_memory() -> int:
+    import mlx.core as mx
+
+    return mx.get_active_memory()
+
+
 class ModelCache:
-    """The one pipeline kept loaded between runs; asking for another releases it first (two would not fit)."""
+    """The one pipeline kept loaded between runs; asking for another releases it first (two would not fit).
+
+    Inside ComfyUI the kept pipeline is also one of ComfyUI's loaded models (management.py), so that "Unload
+    Models" and ComfyUI's room-making for its own models release it."""
 
     def __init__(self):
         self.key = None
         self.pipe = None
+        self.entry = None  # our entry in ComfyUI's model management, while one is there
 
     def get(self, model: str, quantize_llm: str = "full precision", backend: str = "mlx", attention: str = "auto"):
         # What the chosen backend ignores does not make another model.
         key = (model, "full precision" if backend == "torch" else quantize_llm, backend,
                TORCH_ATTENTION.get(attention, attention) if backend == "torch" else "auto")
+        return self._get(key, lambda: load_pipeline(model, quantize_llm, backend, attention))
+
+    def get_realtime(self, model: str):
+        return self._get((REALTIME, model), lambda: load_realtime(model))
+
+    def _get(self, key, load):
         if self.pipe is None or self.key != key:
             self.release()
-            logger.info("Loading VibeVoice model %s (%s, %s)", model, backend, quantize_llm)
-            self.pipe = load_pipeline(model, quantize_llm, backend, attention)
+            logger.info("Loading VibeVoice model %s", " ".join(map(str, key)))
+            before = _active_memory()
+            self.pipe = load()
             self.key = key
+            self.entry = register(max(0, _active_memory() - before), self._unload)
         return self.pipe
 
     def release(self) -> bool:
-        """Drop the pipeline and empty the MLX/torch caches; True if one was loaded."""
+        """Drop the pipeline and empty the MLX/torch caches; True if one was loaded. Our entry in ComfyUI's model
+        management goes with it (ComfyUI's own finalizer removes it)."""
+        self.entry = None
+        return self._unload()
+
+    def _unload(self) -> bool:
         loaded = self.pipe is not None
+        before = _active_memory() if loaded else 0
         self.pipe = self.key = None
         if loaded:
             import vibevoice_mlx as vv
 
             vv.free_memory()
-            logger.info("Released the VibeVoice model")
+            logger.info("Released the VibeVoice model (MLX memory in use: %.1f -> %.1f MB)", before / 2**20,
+                        _active_memory() / 2**20)
         return loaded
 
 

@@ -13,7 +13,9 @@ import os
 import re
 from pathlib import Path
 
-from .models import ATTENTION_TYPES, MODELS, QUANTIZE_BITS, available_models, default_backend, voices_dir
+from ..models import REALTIME, VIBEVOICE
+from .models import ATTENTION_TYPES, MODELS, NO_REALTIME_MODEL, QUANTIZE_BITS, available_models, default_backend, \
+    voices_dir
 from .runtime import audio_from_samples, synthesize, voice_from_audio
 
 logger = logging.getLogger(__name__)
@@ -25,9 +27,25 @@ NO_TEXT_FILES = "No text files found in any directory"
 
 
 def _model_input(tooltip: str = "A converted model from models/vibevoice/ or the cache, or a hub id (converted "
-                                "once)."):
-    choices = list(available_models())
+                                "once).", kind: str = VIBEVOICE):
+    choices = list(available_models(kind)) or [NO_REALTIME_MODEL]  # the 1.5B list always has the hub id
     return (choices, {"default": choices[0], "tooltip": tooltip})
+
+
+def _speak(load, text: str, voices, free_memory_after_generate: bool, **options):
+    """Load (or reuse) the pipeline, speak `text` and return the AUDIO output; release the pipeline after if asked,
+    or on failure (an interrupted run included)."""
+    if not text or not text.strip():
+        raise ValueError("No text to speak: type it into the node or connect a Load Text From File node.")
+    pipe = load()
+    rate = pipe.sample_rate
+    try:
+        audio = synthesize(pipe, text, voices, **options)
+    finally:
+        del pipe  # so that releasing the cache frees the weights
+        if free_memory_after_generate:
+            MODELS.release()
+    return (audio_from_samples(audio, rate),)
 
 
 def _speech_inputs(text_default: str, voice_inputs: dict) -> dict:
@@ -72,19 +90,11 @@ class _SpeechNode:
 
     def _speak(self, text, model, voices, attention_type, quantize_llm, free_memory_after_generate,
                diffusion_steps, seed, cfg_scale, use_sampling, temperature, top_p, backend, sampler, max_seconds):
-        if not text or not text.strip():
-            raise ValueError("No text to speak: type it into the node or connect a Load Text From File node.")
-        pipe = MODELS.get(model, quantize_llm, backend or default_backend(), attention_type)
-        rate = pipe.sample_rate
-        try:
-            audio = synthesize(pipe, text, voices, steps=diffusion_steps, cfg_scale=cfg_scale, seed=seed,
-                               temperature=temperature if use_sampling else 0.0,
-                               top_p=top_p if use_sampling else 1.0, sampler=sampler, max_seconds=max_seconds)
-        finally:
-            del pipe  # so that releasing the cache frees the weights
-            if free_memory_after_generate:
-                MODELS.release()
-        return (audio_from_samples(audio, rate),)
+        backend = backend or default_backend()
+        return _speak(lambda: MODELS.get(model, quantize_llm, backend, attention_type), text, voices,
+                      free_memory_after_generate, steps=diffusion_steps, cfg_scale=cfg_scale, seed=seed,
+                      temperature=temperature if use_sampling else 0.0, top_p=top_p if use_sampling else 1.0,
+                      sampler=sampler, max_seconds=max_seconds)
 
 
 class VibeVoiceSingleSpeakerNode(_SpeechNode):
@@ -131,6 +141,45 @@ class VibeVoiceMultipleSpeakersNode(_SpeechNode):
         return self._speak(text, model, voices, attention_type, quantize_llm, free_memory_after_generate,
                            diffusion_steps, seed, cfg_scale, use_sampling, temperature, top_p, backend, sampler,
                            max_seconds)
+
+
+class VibeVoiceRealtimeNode:
+    DESCRIPTION = ("Speech from text with VibeVoice-Realtime-0.5B (MLX) in one of its voice presets; the model has "
+                   "no voice cloning.")
+    RETURN_TYPES = ("AUDIO",)
+    RETURN_NAMES = ("audio",)
+    FUNCTION = "generate_speech"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from ..preset_store import DEFAULT_PRESET, list_presets, preset_dir
+
+        return {"required": {
+            "text": ("STRING", {"multiline": True, "default": "Hello, this is VibeVoice Realtime on MLX.",
+                                "tooltip": "What to say."}),
+            "model": _model_input("A VibeVoice-Realtime-0.5B folder from models/vibevoice/ (with its tokenizer "
+                                  "files).", REALTIME),
+            "voice": ([row["name"] for row in list_presets()], {
+                "default": DEFAULT_PRESET,
+                "tooltip": f"A voice preset: downloaded once from microsoft/VibeVoice, or a .pt put into "
+                           f"{preset_dir()}."}),
+            "cfg_scale": ("FLOAT", {"default": 1.5, "min": 0.5, "max": 3.5, "step": 0.05,
+                                    "tooltip": "Classifier-free guidance scale (the demos' 1.5)."}),
+            "diffusion_steps": ("INT", {"default": 5, "min": 1, "max": 100, "step": 1,
+                                        "tooltip": "Diffusion steps per frame (the demos' 5)."}),
+            "seed": ("INT", {"default": 42, "min": 0, "max": 2**32 - 1, "tooltip": "Same seed, same speech."}),
+            "free_memory_after_generate": ("BOOLEAN", {
+                "default": False, "tooltip": "Release the model after this run; off keeps it loaded for the next "
+                                             "(ComfyUI's Unload Models releases it too)."}),
+        }}
+
+    def generate_speech(self, text, model, voice=None, cfg_scale=1.5, diffusion_steps=5, seed=42,
+                        free_memory_after_generate=False, *, eos_rule=None, max_seconds=None):
+        # No voice: the model's default preset (en-Carter_man, the web demo's).
+        return _speak(lambda: MODELS.get_realtime(model), text, [voice] if voice else [], free_memory_after_generate,
+                      steps=diffusion_steps, cfg_scale=cfg_scale, seed=seed, eos_rule=eos_rule,
+                      max_seconds=max_seconds)
 
 
 class VibeVoiceFreeMemoryNode:
@@ -250,6 +299,7 @@ NODE_CLASS_MAPPINGS = {
     "VibeVoiceFreeMemoryNode": VibeVoiceFreeMemoryNode,
     "VibeVoiceSaveVoiceNode": VibeVoiceSaveVoiceNode,
     "LoadTextFromFileNode": LoadTextFromFileNode,
+    "VibeVoiceRealtimeNode": VibeVoiceRealtimeNode,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -258,4 +308,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "VibeVoiceFreeMemoryNode": "VibeVoice Free Memory",
     "VibeVoiceSaveVoiceNode": "VibeVoice Save Voice",
     "LoadTextFromFileNode": "Load Text From File",
+    "VibeVoiceRealtimeNode": "VibeVoice Realtime (MLX)",
 }

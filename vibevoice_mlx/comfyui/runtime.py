@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 WORDS_PER_SECOND = 2.5
 
 
-def _comfy(module: str):
+def comfy_module(module: str):
     """A ComfyUI module (`comfy.utils`, `comfy.model_management`), or None outside ComfyUI."""
     try:
         return importlib.import_module(module)
@@ -75,7 +75,7 @@ class Progress:
     runs longer, and the bar is filled when generation ends early."""
 
     def __init__(self, total: int):
-        utils = _comfy("comfy.utils")
+        utils = comfy_module("comfy.utils")
         self.total = max(1, int(total))
         self.bar = utils.ProgressBar(self.total) if utils is not None else None
 
@@ -92,26 +92,24 @@ class Progress:
 
 def interrupt_check() -> Callable[[], None]:
     """ComfyUI's check that raises when the user pressed cancel; a no-op outside ComfyUI."""
-    mm = _comfy("comfy.model_management")
+    mm = comfy_module("comfy.model_management")
     check = getattr(mm, "throw_exception_if_processing_interrupted", None) if mm is not None else None
     return check or (lambda: None)
 
 
-def synthesize(pipe, script: str, voices: Sequence[np.ndarray], steps: int, cfg_scale: float, seed: int,
-               temperature: float, top_p: float, sampler=None, max_seconds: Optional[float] = None) -> np.ndarray:
-    """Generate `script` as float32 mono audio, with ComfyUI's progress bar and interrupt.
+def synthesize(pipe, script: str, voices: Sequence, max_seconds: Optional[float] = None, **options) -> np.ndarray:
+    """Generate `script` as float32 mono audio, with ComfyUI's progress bar and interrupt; `options` go to
+    `stream_generate` (steps, cfg_scale, seed, ...; `sampler` or `eos_rule` from Python callers and tests).
 
     The interrupt is checked on every language-model step, so a cancel stops generation at the next frame; closing
-    the stream ends the frame loop there. `sampler` and `max_seconds` are for Python callers and tests.
+    the stream ends the frame loop there.
     """
     import vibevoice_mlx as vv
 
     check = interrupt_check()
     progress = Progress(estimate_frames(script, pipe.hop_length, pipe.sample_rate, max_seconds))
     chunks: List[np.ndarray] = []
-    stream = vv.stream_generate(pipe, script, voices=list(voices) or None, steps=steps, cfg_scale=cfg_scale,
-                                seed=seed, temperature=temperature, top_p=top_p, max_seconds=max_seconds,
-                                sampler=sampler)
+    stream = vv.stream_generate(pipe, script, voices=list(voices) or None, max_seconds=max_seconds, **options)
     try:
         for response in stream:
             check()
@@ -123,5 +121,6 @@ def synthesize(pipe, script: str, voices: Sequence[np.ndarray], steps: int, cfg_
     progress.done()
     audio = np.concatenate(chunks).astype(np.float32, copy=False) if chunks else np.zeros(0, np.float32)
     if not audio.size:
-        raise RuntimeError("The model produced no audio for this text: try another seed, or turn on use_sampling.")
+        raise RuntimeError("The model produced no audio for this text: try another seed (or, on the 1.5B nodes, "
+                           "turn on use_sampling).")
     return audio

@@ -189,8 +189,8 @@ class RealtimeModel(nn.Module):
         return self.model.tts_language_model(None, cache=cache, input_embeddings=typed)
 
     def eos_probability(self, h: mx.array) -> mx.array:
-        """sigmoid of the EOS logit, in float32 (realtime.md §4.6)."""
-        return mx.sigmoid(self.tts_eos_classifier(h).astype(mx.float32))
+        """sigmoid of the EOS logit of each row of h [B, H], in float32 (realtime.md §4.6)."""
+        return mx.sigmoid(self.tts_eos_classifier(h[:, None]).astype(mx.float32))[:, 0]
 
     def unscale_latents(self, z: mx.array) -> mx.array:
         """Normalized latents -> decoder input: z / scale - bias (the connector takes z itself)."""

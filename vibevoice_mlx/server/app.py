@@ -9,9 +9,9 @@ import logging
 import secrets
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Dict, List, Optional
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .errors import APIError, hide_paths
 from .live import LiveBatch
+from .models import Served
 from .speech import speech
 from .stream import speech_stream
 from .voices import (VoiceExistsError, VoiceNameError, VoiceNotFoundError, VoiceStore, check_name, encode_voice,
@@ -45,8 +46,10 @@ class ServerConfig:
     ws_max_session_chars: Optional[int] = None  # per utterance; None: max_input_chars
     ws_idle_timeout: float = 30.0
     live_eos_rule: Optional[object] = None  # the realtime stop rule (--force-frames: live.forced_eos)
+    model_ids: List[str] = field(default_factory=list)  # every served model, the first is model_id
 
     def __post_init__(self):
+        self.model_ids = self.model_ids or [self.model_id]
         if self.ws_max_session_chars is None:
             self.ws_max_session_chars = self.max_input_chars
 
@@ -65,24 +68,30 @@ def _check_key(request: Request):
                        code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
-def create_app(worker, config: ServerConfig) -> FastAPI:
-    """The app over a started worker. The worker is stopped when the app shuts down."""
+def create_app(worker, config: ServerConfig, more: Optional[Dict[str, object]] = None) -> FastAPI:
+    """The app over a started worker (the model `config.model_id`), and `more` {id: started worker} for the other
+    models of `serve --model A --model B`. The workers are stopped when the app shuts down."""
+    workers = {config.model_id: worker, **(more or {})}
 
     @asynccontextmanager
     async def lifespan(app):
         yield
-        await asyncio.to_thread(worker.stop, 0.0)
+        for w in workers.values():
+            await asyncio.to_thread(w.stop, 0.0)
 
     app = FastAPI(title="vibevoice-mlx", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.worker, app.state.config = worker, config
     app.state.voices = VoiceStore(config.voices_dir)
     # Which acoustic encoder made a saved voice is checked against this one (see speech.foreign_voices).
-    app.state.encoder = worker.call(lambda pipe: getattr(getattr(pipe, "backend", None), "encoder_fingerprint",
-                                                         None)).result()
+    app.state.served = {}
+    for name, w in workers.items():
+        encoder = w.call(lambda pipe: getattr(getattr(pipe, "backend", None), "encoder_fingerprint", None)).result()
+        app.state.served[name] = Served(name, w, LiveBatch(w.wake, config.live_eos_rule, w.past_grace), encoder)
+        w.live.append(app.state.served[name].live)
+    app.state.encoder = app.state.served[config.model_id].encoder
+    app.state.live = app.state.served[config.model_id].live
     app.state.started = int(time.time())
-    app.state.live = LiveBatch(worker.wake, config.live_eos_rule, worker.past_grace)
     app.state.sessions = set()
-    worker.live.append(app.state.live)
 
     @app.exception_handler(APIError)
     async def api_error(request, exc: APIError):
@@ -112,23 +121,28 @@ def create_app(worker, config: ServerConfig) -> FastAPI:
     async def health():
         snap = worker.snapshot()
         return {"status": "ok" if snap["accepting"] else "draining", "model": config.model_id,
-                "auth": bool(config.api_key), **snap}
+                "models": list(workers), "auth": bool(config.api_key), "live_sessions": len(app.state.sessions),
+                "live_rows": sum(s.live.active for s in app.state.served.values()), **snap}
 
     @app.get("/v1/models", dependencies=auth)
     async def models():
-        return {"object": "list", "data": [{"id": config.model_id, "object": "model", "created": app.state.started,
-                                            "owned_by": "vibevoice-mlx"}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": app.state.started,
+                                            "owned_by": "vibevoice-mlx"} for name in workers]}
 
     app.post("/v1/audio/speech", dependencies=auth)(speech)
     app.websocket("/v1/audio/speech/stream")(speech_stream)  # checks the key itself (header or ?api_key=)
 
     @app.get("/v1/voices", dependencies=auth)
     async def list_voices():
-        return {"object": "list", "data": await asyncio.to_thread(app.state.voices.list)}
+        """Saved voices (1.5B/7B: cloned from uploads), and the realtime model's presets beside them."""
+        return {"object": "list", "data": await asyncio.to_thread(app.state.voices.list),
+                "presets": await asyncio.to_thread(_presets)}
 
     @app.post("/v1/voices", dependencies=auth, status_code=201)
     async def add_voice(request: Request):
-        return await _add_voice(request, worker, config, app.state.voices)
+        # A saved voice is encoded by a 1.5B/7B (the realtime model has no encoder): the first one served.
+        encoder = next((s.worker for s in app.state.served.values() if not s.realtime), worker)
+        return await _add_voice(request, encoder, config, app.state.voices)
 
     @app.delete("/v1/voices/{name}", dependencies=auth)
     async def delete_voice(name: str):
@@ -197,6 +211,14 @@ async def _add_voice(request: Request, worker, config: ServerConfig, store: Voic
             clip.unlink(missing_ok=True)
     finally:
         await form.close()
+
+
+def _presets():
+    """The realtime voice presets: known (Microsoft's) or found in the preset folder, and whether downloaded."""
+    from ..preset_store import list_presets
+
+    return [{"id": r["name"], "object": "voice.preset", "known": r["known"], "downloaded": bool(r["downloaded"])}
+            for r in list_presets()]
 
 
 def _copy(src, dst: Path):

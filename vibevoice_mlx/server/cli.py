@@ -59,7 +59,9 @@ def model_id(model: str) -> str:
 
 
 @click.command()
-@click.option("-m", "--model", required=True, help="Converted MLX folder, PyTorch checkpoint folder or hub id.")
+@click.option("-m", "--model", "models", required=True, multiple=True,
+              help="Converted MLX folder, PyTorch checkpoint folder or hub id; repeat it to serve several models "
+                   "(a request picks one by 'model'; OpenAI's aliases mean the first).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; only this machine by default.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--voices-dir", type=click.Path(file_okay=False, path_type=Path),
@@ -80,7 +82,9 @@ def model_id(model: str) -> str:
               callback=finite, help="Longest voice upload (and at most half the model's context).")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]),
               help="Compute dtype (default: float16 on a GPU, float32 on the CPU).")
-@click.option("--tokenizer", help="Tokenizer folder or repo id, when the model folder has none.")
+@click.option("--tokenizer", "tokenizers", multiple=True,
+              help="Tokenizer folder or repo id, when the model folder has none: once for every model, or once per "
+                   "--model in their order ('' for one that has its own).")
 @click.option("--grace", default=10.0, show_default=True, type=click.FloatRange(0), callback=finite,
               help="Seconds running streams get to finish on shutdown.")
 @click.option("--ws-max-message-bytes", default=64 * 1024, show_default=True, type=click.IntRange(1024),
@@ -93,9 +97,9 @@ def model_id(model: str) -> str:
               help="Testing aid: always generate speech frames (for random test models).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
-def serve(model, host, port, voices_dir, api_key, max_queue, max_batch, batch_invariant, max_input_chars,
-          max_upload_mb, max_voice_seconds, dtype, tokenizer, grace, ws_max_message_bytes, ws_max_session_chars, ws_idle_timeout, force_frames,
-          log_level):
+def serve(models, host, port, voices_dir, api_key, max_queue, max_batch, batch_invariant, max_input_chars,
+          max_upload_mb, max_voice_seconds, dtype, tokenizers, grace, ws_max_message_bytes, ws_max_session_chars,
+          ws_idle_timeout, force_frames, log_level):
     """Serve the OpenAI speech API (POST /v1/audio/speech), saved voices and a playground page at /."""
     try:
         import fastapi  # noqa: F401
@@ -115,27 +119,43 @@ def serve(model, host, port, voices_dir, api_key, max_queue, max_batch, batch_in
     if host not in LOOPBACK and not api_key:
         logger.warning("Serving on %s without --api-key: anyone who can reach this address can use it.", host)
     # What can be checked without the model is checked before the minutes its load takes.
+    ids = [model_id(m) for m in models]
+    if len(set(ids)) < len(ids):
+        raise click.BadParameter(f"two models are named {next(i for i in ids if ids.count(i) > 1)!r}: serve each "
+                                 "once (a request picks a model by its folder name).", param_hint="'--model'")
+    if len(tokenizers) not in (0, 1, len(models)):
+        raise click.BadParameter(f"give one --tokenizer, or one per --model ({len(models)}), not {len(tokenizers)}.",
+                                 param_hint="'--tokenizer'")
+    tokenizers = [t or None for t in (list(tokenizers) * len(models) if len(tokenizers) == 1 else tokenizers)] \
+        or [None] * len(models)  # "" for a model that has its own
     voices_dir = voices_dir or default_voices_dir()
     with user_errors():
         VoiceStore(voices_dir)
     sock = listen_socket(host, port)
     port = sock.getsockname()[1]  # the one the system chose for --port 0
-    worker = Worker(lambda: vv.load(model, backend="mlx", dtype=dtype, tokenizer=tokenizer,
-                                    batch_invariant=batch_invariant),
-                    max_queue=max_queue, max_batch=max_batch, sampler=force_frames_sampler(force_frames))
-    try:
-        worker.start()
-    except (ValueError, OSError) as e:  # the loader's errors (LoadError is a ValueError) and missing files
-        sock.close()
-        raise click.ClickException(str(e))
-    config = ServerConfig(model_id=model_id(model), voices_dir=voices_dir, api_key=api_key,
+    sampler = force_frames_sampler(force_frames)
+    workers = {}  # one worker thread per model: the thread that owns that model's MLX work
+    for name, model, tokenizer in zip(ids, models, tokenizers):
+        worker = Worker(lambda model=model, tokenizer=tokenizer: vv.load(
+            model, backend="mlx", dtype=dtype, tokenizer=tokenizer, batch_invariant=batch_invariant),
+            max_queue=max_queue, max_batch=max_batch, sampler=sampler)
+        try:
+            workers[name] = worker.start()
+        except (ValueError, OSError) as e:  # the loader's errors (LoadError is a ValueError) and missing files
+            sock.close()
+            for w in workers.values():
+                w.stop()
+            raise click.ClickException(str(e))
+    worker = workers.pop(ids[0])
+    config = ServerConfig(model_id=ids[0], model_ids=ids, voices_dir=voices_dir, api_key=api_key,
                           max_input_chars=max_input_chars, max_upload_bytes=int(max_upload_mb * 2**20),
                           max_voice_seconds=max_voice_seconds, grace=grace, ws_max_message_bytes=ws_max_message_bytes,
                           ws_max_session_chars=ws_max_session_chars, ws_idle_timeout=ws_idle_timeout,
                           live_eos_rule=forced_eos if force_frames else None)
-    app = create_app(worker, config)
+    app = create_app(worker, config, workers)
     server = draining_server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                           timeout_graceful_shutdown=grace + 5), worker, grace, app)
+                                           timeout_graceful_shutdown=grace + 5), [worker, *workers.values()], grace,
+                             app)
     logger.info("Voices in %s; playground at http://%s:%d/", config.voices_dir, host, port)
     server.run(sockets=[sock])
 
@@ -147,18 +167,19 @@ def force_frames_sampler(enabled: bool):
     return None
 
 
-def draining_server(config, worker, grace, app=None):
-    """uvicorn's Server that, on the first signal, also drains the worker: uvicorn waits for open streams before
-    it runs the app's shutdown, so the worker must be told at the signal for those streams to end. uvicorn closes
-    WebSockets at once when it shuts down, so its shutdown waits (up to `grace` + 1 s) until the live sessions
-    have finished their utterances and closed with 1001."""
+def draining_server(config, workers, grace, app=None):
+    """uvicorn's Server that, on the first signal, also drains the workers (one, or a list): uvicorn waits for open
+    streams before it runs the app's shutdown, so the workers must be told at the signal for those streams to end.
+    uvicorn closes WebSockets at once when it shuts down, so its shutdown waits (up to `grace` + 1 s) until the
+    live sessions have finished their utterances and closed with 1001."""
     import asyncio
 
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig, frame):
-            worker.drain(grace)
+            for worker in workers if isinstance(workers, list) else [workers]:
+                worker.drain(grace)
             sessions = getattr(getattr(app, "state", None), "sessions", None)
             if not sessions or self.should_exit:
                 return super().handle_exit(sig, frame)

@@ -3,9 +3,9 @@
 An utterance (`Utterance`) is text that arrives in deltas from a WebSocket session (`server/stream.py`). The
 session's event loop only appends deltas and flags; the worker thread (the only one that touches MLX) calls
 `LiveBatch.step` once per turn: it adds the utterances that began, turns their deltas into final ids
-(`text_stream.TextStream`), steps the batch by one frame when every row has the ids of the window it begins
-(a row whose text is not final yet holds the batch until its next delta or `input.done`), and hands each row's
-audio to its session. An utterance joins at the next step and leaves at once (cancelled: at its next step).
+(`text_stream.TextStream`), steps the batch by one frame (a row whose next window's ids are not final yet stays
+parked outside it, holding no one up, until its next delta or `input.done`), and hands each row's audio to its
+session. An utterance joins at the next step and leaves at once (cancelled: at its next step).
 
 Each utterance draws its noise as `vv.generate` does (a `NoiseSource` on `mx.random.key(seed)`) and its ids equal
 the whole text's, so its audio equals `vv.generate(pipe, whole_text, voices=[preset], seed=seed)`.
@@ -34,12 +34,12 @@ class Utterance:
     or ("error", exception), once."""
 
     def __init__(self, voice, seed: int, steps: int, cfg_scale: float, emit: Callable[[str, object], None],
-                 max_frames: Optional[int] = None):
+                 max_frames: Optional[int] = None, cancelled: Optional[threading.Event] = None):
         self.voice, self.seed, self.steps, self.cfg_scale = voice, seed, steps, cfg_scale
         self.emit, self.max_frames = emit, max_frames
         self.deltas: deque = deque()
         self.finished = False  # input.done: the text is complete once the deltas are read
-        self.cancelled = threading.Event()
+        self.cancelled = cancelled or threading.Event()
         self.frames = 0
         self.row = None
         self.stream = None
@@ -71,22 +71,49 @@ class LiveBatch:
             self._incoming.append(utt)
         self.wake()
 
+    def submit_job(self, job, pipe) -> None:
+        """POST /v1/audio/speech with the realtime model: a worker `Job` (its whole script, voices [one preset
+        file]) as a finished utterance of this batch, with the Job's events: audio, then ("end", summary) or
+        ("error", e). `worker.cancel(job)` stops it at its next step."""
+        defaults = pipe.defaults
+        seconds = job.max_seconds
+        max_frames = None if seconds is None else max(1, int(seconds * pipe.sample_rate // pipe.hop_length))
+
+        def emit(kind, payload):
+            if kind == "audio":
+                job.frames += 1
+                job.audio_seconds = job.frames * pipe.hop_length / pipe.sample_rate
+                job.emitted = True
+                return job.emit(kind, payload)
+            job.done = True
+            if kind == "end":
+                stopped = payload == "cancelled"
+                payload = {"frames": job.frames, "audio_seconds": job.audio_seconds, "truncated": payload != "eos",
+                           "stopped": stopped}
+            job.emit(kind, payload)
+
+        utt = Utterance(job.voices[0], job.seed, job.steps or defaults["steps"],
+                        float(job.cfg_scale if job.cfg_scale is not None else defaults["cfg_scale"]), emit,
+                        max_frames, cancelled=job.cancelled)
+        utt.feed(job.script)
+        utt.finish()
+        self.add(utt)
+
     @property
     def active(self) -> int:
         return len(self._rows) + len(self._incoming)
 
     def busy(self) -> bool:
-        """Work the worker can do now (it sleeps otherwise until `wake`)."""
-        if self._incoming:
+        """Work the worker can do now (it sleeps otherwise until `wake`): a new utterance, a row in a batch, or a
+        parked row with new text, its end, or a cancel."""
+        if self._incoming or any(b.rows for b in self._batches.values()):
             return True
-        # Text that came since the last step is read by step(): without it a row that waits for its ids never
-        # sees the deltas that complete them (a client that sends text a keystroke at a time).
-        if any(u.deltas or (u.finished and not u.row.text.closed) for u in self._rows.values()):
-            return True
-        return any(self._ready(b) for b in self._batches.values() if b.rows)
+        return any(u.deltas or u.cancelled.is_set() or self.past_grace() or (u.finished and not u.row.text.closed)
+                   for u in self._rows.values())
 
     def step(self, pipe) -> None:
-        """On the worker thread: join new utterances, read text, one frame of every batch whose rows are ready."""
+        """On the worker thread: join new utterances, read text, one frame of every batch (rows whose next window's
+        ids are not final yet stay parked and hold no one up)."""
         with self._lock:
             new, self._incoming = self._incoming, []
         for utt in new:
@@ -96,27 +123,27 @@ class LiveBatch:
                 logger.exception("A live utterance failed to start")
                 utt.emit("error", e)
         for key, batch in list(self._batches.items()):
-            for row in batch.rows:
-                self._read(self._rows[id(row)])
-            if batch.rows and self._ready(batch):
-                try:
-                    out = batch.step()
-                except Exception as e:  # noqa: BLE001 - fail the batch's sessions, keep serving
-                    logger.exception("A live batch failed")
-                    for row in list(batch.rows):
-                        self._rows.pop(id(row)).emit("error", e)
-                    del self._batches[key]
-                    continue
-                for row, audio in out:
-                    utt = self._rows[id(row)]
-                    utt.frames += 1
-                    utt.emit("audio", np.asarray(audio))
-            running = {id(r) for r in batch.rows}
-            for rid in [rid for rid, u in self._rows.items() if u.row.done and rid not in running
-                        and (u.steps, u.cfg_scale) == key]:
-                utt = self._rows.pop(rid)
-                utt.emit("end", utt.row.stop)
-            if not batch.rows:
+            members = [self._rows[id(r)] for r in batch.rows + batch.parked]
+            for utt in members:
+                self._read(utt)
+            try:
+                out = batch.step()
+            except Exception as e:  # noqa: BLE001 - fail the batch's sessions, keep serving
+                logger.exception("A live batch failed")
+                for utt in members:
+                    del self._rows[id(utt.row)]
+                    utt.emit("error", e)
+                del self._batches[key]
+                continue
+            for row, audio in out:
+                utt = self._rows[id(row)]
+                utt.frames += 1
+                utt.emit("audio", np.asarray(audio))
+            for utt in members:
+                if utt.row.done:
+                    del self._rows[id(utt.row)]
+                    utt.emit("end", utt.row.stop)
+            if not batch.active:
                 del self._batches[key]
 
     def _join(self, pipe, utt: Utterance) -> None:
@@ -140,7 +167,6 @@ class LiveBatch:
         source = NoiseSource(None, mx.random.key(utt.seed), pipe.config.acoustic_vae_dim)
         utt.stream = TextStream(pipe.tokenizer)
         utt.row = Row(TextIds(), lambda f: source()[0], self.eos_rule or default_eos_rule, utt.max_frames,
-                      wait=_never_wait,
                       should_stop=lambda: utt.cancelled.is_set() or self.past_grace())
         self._read(utt)
         batch.add(utt.row, self._presets[str(utt.voice)])
@@ -157,19 +183,3 @@ class LiveBatch:
         if utt.finished:
             ids.extend(utt.stream.close())
             ids.close()
-
-    @staticmethod
-    def _ready(batch) -> bool:
-        """Every row has the ids of the window it begins at this step (or is cancelled)."""
-        from ..models.realtime import SPEECH_WINDOW, TEXT_WINDOW
-
-        for row in batch.rows:
-            begins = row.frames % SPEECH_WINDOW == 0 and row.frames // SPEECH_WINDOW == row.windows
-            need = TEXT_WINDOW * (row.windows + 1)
-            if begins and not (row.text.closed or len(row.text.ids) >= need or row.should_stop()):
-                return False
-        return True
-
-
-def _never_wait(ids, needed):
-    raise RuntimeError("internal error: a live row was stepped before its window's ids were final")

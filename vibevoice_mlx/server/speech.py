@@ -20,6 +20,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from .encode import MEDIA_TYPES, available_formats, make_encoder
 from .errors import APIError
+from .models import served_model
 from .schemas import OPENAI_MODELS, OPENAI_VOICES, SpeechRequest, parse_speech_request
 from .voices import VoiceNotFoundError, check_name
 from .worker import Job, ShuttingDownError
@@ -55,6 +56,21 @@ def resolve_voices(req: SpeechRequest, store):
     return paths
 
 
+def realtime_voice(req: SpeechRequest) -> Path:
+    """The realtime model's voice: one preset name (OpenAI's names, or none: the default preset)."""
+    from ..preset_store import DEFAULT_PRESET, resolve_voice
+
+    names = req.voice_names()
+    if len(names) > 1:
+        raise APIError(400, f"VibeVoice-Realtime-0.5B speaks in one voice; got {len(names)}.", param="voices",
+                       code="invalid_value")
+    name = names[0] if names and names[0] not in OPENAI_VOICES else DEFAULT_PRESET
+    try:
+        return resolve_voice(name)
+    except (ValueError, OSError) as e:
+        raise APIError(400, str(e).splitlines()[0], param="voice", code="voice_not_found")
+
+
 def foreign_voices(paths, encoder: Optional[str]) -> Optional[str]:
     """A warning for the client (the library only logs it) when a saved voice was encoded by another model's
     acoustic encoder (`encoder`: this model's fingerprint): its latents do not mean the same to this model."""
@@ -74,9 +90,10 @@ def foreign_voices(paths, encoder: Optional[str]) -> Optional[str]:
 
 
 def check_request(req: SpeechRequest, config) -> None:
-    if req.model not in OPENAI_MODELS | {config.model_id}:
-        raise APIError(404, f"The model {req.model!r} is not served here; this server runs {config.model_id!r} "
-                       "(GET /v1/models).", param="model", code="model_not_found")
+    if req.model not in OPENAI_MODELS | set(config.model_ids):
+        raise APIError(404, f"The model {req.model!r} is not served here; this server runs "
+                       f"{', '.join(map(repr, config.model_ids))} (GET /v1/models).", param="model",
+                       code="model_not_found")
     if not req.input.strip():
         raise APIError(400, "'input' is empty: give the text (or a Speaker N: script) to speak.", param="input",
                        code="empty_input")
@@ -139,7 +156,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 async def speech(request: Request):
     state = request.app.state
-    config, worker = state.config, state.worker
+    config = state.config
     raw = await _read_body(request, MAX_BODY_BYTES)
     try:
         body = json.loads(raw)
@@ -147,8 +164,13 @@ async def speech(request: Request):
         raise APIError(400, "We could not parse the JSON body of your request.", code="invalid_json")
     req = parse_speech_request(body)
     check_request(req, config)
-    voices = resolve_voices(req, state.voices)
-    warning = await asyncio.to_thread(foreign_voices, voices, state.encoder)
+    served = served_model(state, req.model)
+    worker, realtime = served.worker, served.realtime
+    if realtime:  # a preset (downloaded once, in a thread): no saved voices, no encoder to compare
+        voices, warning = [await asyncio.to_thread(realtime_voice, req)], None
+    else:
+        voices = resolve_voices(req, state.voices)
+        warning = await asyncio.to_thread(foreign_voices, voices, served.encoder)
     seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
 
     loop = asyncio.get_running_loop()
@@ -164,7 +186,12 @@ async def speech(request: Request):
     input_tokens = len(tokenizer.encode(req.input)) if tokenizer is not None and req.stream_format == "sse" else 0
     job = Job(script=req.input, emit=emit, voices=voices, steps=req.steps, cfg_scale=req.cfg_scale, seed=seed,
               temperature=req.temperature, top_p=req.top_p, max_seconds=req.max_seconds)
-    worker.submit(job)
+    if not realtime:
+        worker.submit(job)
+    elif not worker.snapshot()["accepting"]:
+        raise ShuttingDownError()
+    else:  # the realtime model's rows share the live sessions' batch on the worker thread
+        served.live.submit_job(job, worker.pipe)
     try:
         first = await _next_event(request, events, job, worker)
     except BaseException:  # cancelled (the server is being forced down): the job must not run on

@@ -25,13 +25,14 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from .encode import to_pcm16
 from .errors import APIError
 from .live import Utterance
+from .models import served_model
 from .voices import check_name
 from .worker import Job
 
 logger = logging.getLogger(__name__)
 
 MAX_BEHIND_FRAMES = 256  # audio frames queued for a slow reader before its utterance is stopped
-SENTENCE_END = re.compile(r"[.!?;:\u3002\uff01\uff1f](?=\s)|\n")
+SENTENCE_END = re.compile(r"[.!?\u3002\uff01\uff1f](?=\s)|\n")  # not ':' (a "Speaker 1:" label)
 
 
 class SessionError(Exception):
@@ -49,7 +50,7 @@ def _key_ok(ws: WebSocket, key: Optional[str]) -> bool:
 
 
 def split_sentences(text: str):
-    """(complete sentences, the rest): a sentence ends at . ! ? ; : followed by a space, or at a newline."""
+    """(complete sentences, the rest): a sentence ends at . ! ? followed by a space, or at a newline."""
     sentences, start = [], 0
     for m in SENTENCE_END.finditer(text):
         if text[start:m.end()].strip():
@@ -61,12 +62,12 @@ def split_sentences(text: str):
 class Session:
     def __init__(self, ws: WebSocket):
         self.ws, state = ws, ws.app.state
-        self.config, self.worker, self.live, self.store = state.config, state.worker, state.live, state.voices
-        self.realtime = getattr(self.worker.pipe, "family", None) == "realtime"
+        self.config, self.worker, self.store, self.state = state.config, state.worker, state.voices, state
         self.loop = asyncio.get_running_loop()
         self.utterances: asyncio.Queue = asyncio.Queue()
         self.current: Optional[dict] = None  # the utterance text is being added to
         self.speaking = 0  # utterances flushed and not yet done
+        self.open: list = []  # utterances begun and not yet done (cancelled if the session ends)
         self.options: dict = {}
         self.draining = False
 
@@ -79,6 +80,8 @@ class Session:
         if not self.worker.snapshot()["accepting"]:
             raise SessionError("shutting_down", "The server is shutting down.", close=1001)
         self.configure(await self.receive())
+        await self.send_json({"type": "session.created", "model": self.model, "voice": self.voice,
+                              "sample_rate": 24000, "format": "pcm", "seed": self.options["seed"]})
         sender = asyncio.create_task(self.send_all())
         try:
             while True:
@@ -134,14 +137,15 @@ class Session:
 
     def configure(self, msg: dict) -> None:
         from ..preset_store import resolve_voice
-        from .schemas import OPENAI_MODELS
 
         if msg.get("type") != "session.config":
             raise SessionError("invalid_message", "The first message must be session.config.")
-        model = msg.get("model")
-        if model is not None and model not in OPENAI_MODELS | {self.config.model_id}:
-            raise SessionError("unknown_model", f"The model {model!r} is not served here; this server runs "
-                               f"{self.config.model_id!r}.")
+        served = served_model(self.state, msg.get("model"))
+        if served is None:
+            raise SessionError("unknown_model", f"The model {msg.get('model')!r} is not served here; this server "
+                               f"runs {', '.join(map(repr, self.config.model_ids))}.")
+        self.worker, self.live, self.model = served.worker, served.live, served.id
+        self.realtime = served.realtime
         if msg.get("response_format", "pcm") != "pcm":
             raise SessionError("invalid_config", "response_format must be 'pcm' (16-bit mono 24 kHz).")
         transport = msg.get("audio_transport", "binary")
@@ -163,7 +167,8 @@ class Session:
                 options["steps"] = options["steps"] or defaults.get("steps")
                 options["cfg_scale"] = float(options["cfg_scale"] if options["cfg_scale"] is not None
                                              else defaults.get("cfg_scale"))
-                self.voice_file = resolve_voice(voice or DEFAULT_PRESET)
+                voice = voice or DEFAULT_PRESET
+                self.voice_file = resolve_voice(voice)
             elif voice is not None:
                 check_name(voice)
                 self.voice_file = self.store.resolve(voice)
@@ -173,9 +178,6 @@ class Session:
             raise SessionError("unknown_voice", str(e).splitlines()[0])
         self.options, self.transport = options, transport
         self.voice = voice
-        self.loop.create_task(self.send_json({
-            "type": "session.created", "model": self.config.model_id, "voice": voice, "sample_rate": 24000,
-            "format": "pcm", "seed": options["seed"]}))
 
     def text(self, delta) -> None:
         if not isinstance(delta, str):
@@ -204,6 +206,7 @@ class Session:
                                     self.options["cfg_scale"], self.emitter(utt),
                                     None if seconds is None else max(1, int(seconds * 24000 // hop)))
         self.utterances.put_nowait(utt)
+        self.open.append(utt)
         return utt
 
     def flush(self) -> None:
@@ -222,9 +225,12 @@ class Session:
     def emitter(self, utt: dict):
         def emit(kind, payload):  # worker thread -> this session's loop
             def put():
+                if utt.get("behind"):  # stopped for a slow reader: nothing more is queued for it
+                    return
                 if kind == "audio":
                     utt["queued"] += 1
                     if utt["queued"] > MAX_BEHIND_FRAMES:
+                        utt["behind"] = True
                         self.cancel(utt)
                         utt["events"].put_nowait(("error", SessionError(
                             "server_busy", "The client reads audio too slowly: its utterance was stopped.")))
@@ -250,9 +256,8 @@ class Session:
             self.worker.cancel(job)
 
     def cancel_all(self) -> None:
-        for utt in list(getattr(self.utterances, "_queue", [])) + [self.current, getattr(self, "sending", None)]:
-            if utt:
-                self.cancel(utt)
+        for utt in self.open:
+            self.cancel(utt)
 
     # --- audio out ----------------------------------------------------------------------------------------------
 
@@ -261,7 +266,6 @@ class Session:
             utt = await self.utterances.get()
             if utt is None:
                 return
-            self.sending = utt
             first, frames = None, 0
             if self.realtime:
                 self.live.add(utt["live"])
@@ -284,7 +288,7 @@ class Session:
                 "characters": utt["chars"], "audio_seconds": round(frames * hop / 24000, 4),
                 "time_to_first_audio_s": None if first is None else round(first - utt["start"], 4)}})
             self.speaking -= 1
-            self.sending = None
+            self.open.remove(utt)
 
     async def forward(self, utt: dict):
         """An utterance's (or sentence job's) events to the client until its end: (time of first audio, frames)."""
@@ -308,8 +312,11 @@ class Session:
                 if isinstance(payload, SessionError):
                     raise payload
                 message = getattr(payload, "message", None) or str(payload).splitlines()[0]
-                code = "shutting_down" if getattr(payload, "code", None) == "shutting_down" else "internal_error"
-                raise SessionError(code, message, close=1001 if code == "shutting_down" else 1011)
+                if getattr(payload, "code", None) == "shutting_down":
+                    raise SessionError("shutting_down", message, close=1001)
+                if getattr(payload, "status", 500) < 500:  # the library refused the text (a 400 on POST)
+                    raise SessionError("invalid_message", message)
+                raise SessionError("internal_error", message, close=1011)
 
     async def send_json(self, obj: dict):
         await self.ws.send_text(json.dumps(obj, separators=(",", ":")))

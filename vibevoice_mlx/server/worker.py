@@ -218,7 +218,7 @@ class Worker:
                     task = self._tasks.popleft()
                 else:
                     wait = self._gathering(batches)
-                    if wait > 0 and not (batches or stepping):
+                    if wait > 0 and not (batches or stepping or self._live_busy()):
                         self._cond.wait(wait)  # idle: let requests that arrive together join
                     elif wait == 0:
                         jobs = self._take_batch(batches)
@@ -243,7 +243,8 @@ class Worker:
                     if not self._step(batch):
                         batches.remove(batch)
                 owed = owed + (time.monotonic() - start) * TASK_SHARE / (1 - TASK_SHARE) if stepping else 0.0
-                for live in self.live:
+                for live in self.live:  # realtime live sessions: one frame of their batch (server/live.py)
+                    self._used |= bool(live.active)  # its memory is freed once idle, as a batch's is
                     live.step(self.pipe)
             except Exception:  # noqa: BLE001 - the worker must outlive any one request
                 logger.exception("Worker error")
