@@ -5,6 +5,7 @@ and records every message it got, so a test can check what the client sent. `rea
 server on the tiny realtime model. Both bind 127.0.0.1 only.
 """
 
+import asyncio
 import json
 import shutil
 import threading
@@ -17,6 +18,7 @@ import numpy as np
 import server_helpers as sh
 
 FRAME = 3200
+IDLE_TIMEOUT = 10.0  # seconds without a client message: idle_timeout, then a close
 PRESETS = ["en-Carter_man", "en-Emma_woman"]
 
 
@@ -50,7 +52,8 @@ def create_app(api_key: str = sh.API_KEY):
 
     @app.get("/v1/voices")
     async def voices():
-        return {"object": "list", "data": [{"id": n, "object": "voice", "type": "preset"} for n in PRESETS]}
+        return {"object": "list", "data": [], "presets": [{"id": n, "object": "voice.preset", "known": True,
+                                                           "downloaded": True} for n in PRESETS]}
 
     @app.websocket("/v1/audio/speech/stream")
     async def stream(ws: WebSocket):
@@ -63,7 +66,12 @@ def create_app(api_key: str = sh.API_KEY):
         chars, frames, first_text, ttfa = 0, 0, None, None
         try:
             while True:
-                msg = json.loads(await ws.receive_text())
+                try:
+                    msg = json.loads(await asyncio.wait_for(ws.receive_text(), IDLE_TIMEOUT))
+                except asyncio.TimeoutError:
+                    await ws.send_json({"type": "error", "code": "idle_timeout", "message": "quiet"})
+                    await ws.close(1000)
+                    return
                 app.state.received.append(msg)
                 kind = msg.get("type")
                 if kind == "session.config":
@@ -126,11 +134,12 @@ REALTIME = Path(__file__).parent / "data" / "realtime_tiny"
 PRESET = "test_voice"  # the tiny model's voice.pt, installed as a preset in the server's cache
 
 
-def realtime_server(root: Path, monkeypatch) -> sh.ServerProcess:
+def realtime_server(root: Path, monkeypatch, *args: str) -> sh.ServerProcess:
     """The real server on the tiny realtime model with forced frames (each utterance stops after a fixed number of
     frames), its voice.pt as the preset `test_voice`; not ready yet (call wait_ready)."""
     (root / "cache" / "realtime-voices").mkdir(parents=True)
     shutil.copy(REALTIME / "voice.pt", root / "cache" / "realtime-voices" / f"{PRESET}.pt")
     monkeypatch.setenv("VIBEVOICE_MLX_CACHE", str(root / "cache"))
     monkeypatch.setenv("VIBEVOICE_MLX_OFFLINE", "1")
-    return sh.ServerProcess(REALTIME / "model", root / "voices", root, "--tokenizer", str(REALTIME / "tokenizer"))
+    return sh.ServerProcess(REALTIME / "model", root / "voices", root, "--tokenizer", str(REALTIME / "tokenizer"),
+                            *args)

@@ -197,6 +197,13 @@ def test_live_mode_sends_the_text_while_it_is_typed_and_plays_the_frames_as_they
     type_live(driver, [" And more."], pause=0, enter=False)
     state = wait_for(driver, "window.vv.live.done >= 2")["live"]
     assert state["utterances"] == 2 and [m["type"] for m in standin.received].count("session.config") == 1
+
+    # A quiet session is closed by the server (idle_timeout): no error on the page, and typing opens another.
+    state = wait_for(driver, "window.vv.live.state === 'closed'", timeout=30)["live"]
+    assert state["error"] is None and driver.find_element(By.ID, "error").text == ""
+    type_live(driver, [" Again."])
+    state = wait_for(driver, "window.vv.live.done >= 3 || window.vv.live.error", timeout=30)["live"]
+    assert state["error"] is None and [m["type"] for m in standin.received].count("session.config") == 2
     errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     assert errors == [], errors
 
@@ -219,6 +226,8 @@ def test_live_mode_on_the_realtime_server_speaks_while_the_text_is_typed(driver,
     from vibevoice_mlx.server.live import FORCED_FRAMES
 
     open_live(driver, rt_server.url, rt_server.api_key)
+    # /v1/voices lists the presets beside the saved voices: the picker offers them.
+    wait_for(driver, f"document.querySelector('#live-voices option[value=\"{live_helpers.PRESET}\"]')")
     driver.find_element(By.ID, "live-voice").send_keys(live_helpers.PRESET)
     driver.execute_script("document.getElementById('live-pause').value = '0'")  # Enter alone finishes
     # The tiny tokenizer gives about an id a character; a window takes 5 ids and 6 frames: the first window is
@@ -234,5 +243,6 @@ def test_live_mode_on_the_realtime_server_speaks_while_the_text_is_typed(driver,
     assert 0 < state["ttfa"] < 60 and driver.find_element(By.ID, "ttfa").text.endswith("ms)")
     wait_for(driver, "window.vv.played >= window.vv.live.frames", timeout=30)
     save_screenshot(driver, tmp_path, "playground-live.png")
+
     errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     assert errors == [], errors

@@ -34,7 +34,8 @@ function renderLiveVoices() {
   list.replaceChildren();
   for (const v of [...voices.filter(isPreset), ...voices.filter((v) => !isPreset(v))]) {
     const option = new Option(v.id, v.id);
-    option.label = isPreset(v) ? "preset (realtime model)" : "saved voice (1.5B / 7B)";
+    option.label = !isPreset(v) ? "saved voice (1.5B / 7B)"
+      : "preset (realtime model" + (v.downloaded === false ? ", downloaded on first use)" : ")");
     list.append(option);
   }
 }

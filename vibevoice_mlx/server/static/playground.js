@@ -68,7 +68,7 @@ function renderSpeakers() {
 
 // A preset of the realtime model, as /v1/voices lists it beside the saved voices.
 function isPreset(v) {
-  return v.type === "preset" || v.kind === "preset" || v.preset === true || v.object === "voice.preset";
+  return v.object === "voice.preset";
 }
 
 function renderModels() {
@@ -93,7 +93,8 @@ async function loadVoices() {
     showError("Voices: " + (await errorMessage(resp)));
     return;
   }
-  voices = (await resp.json()).data;
+  const body = await resp.json();
+  voices = [...body.data, ...(body.presets || [])]; // the realtime presets come beside the saved voices
   renderSpeakers();
   if (window.renderLiveVoices) window.renderLiveVoices();
 }
