@@ -1,5 +1,6 @@
 // The playground: asks /v1/audio/speech for SSE with 16-bit PCM, plays each delta as it arrives (Web Audio),
-// and offers the whole take as a WAV file at the end. No build step, no dependencies.
+// and offers the whole take as a WAV file at the end. No build step, no dependencies. The live mode (live.js)
+// shares the key, the model and voice lists and the player defined here.
 "use strict";
 
 const SAMPLE_RATE = 24000;
@@ -8,6 +9,7 @@ const $ = (id) => document.getElementById(id);
 const vv = (window.vv = { state: "loading", bytes: 0, samples: 0, chunks: 0, played: 0, error: null, seed: null });
 let health = null;
 let voices = [];
+let models = [];
 let audio = null; // { ctx, next }
 let controller = null;
 
@@ -57,21 +59,44 @@ function renderSpeakers() {
     const select = document.createElement("select");
     select.dataset.speaker = String(id);
     select.add(new Option("(model picks)", ""));
-    for (const v of voices) select.add(new Option(v.id + (v.seconds ? ` (${v.seconds.toFixed(1)} s)` : ""), v.id));
+    for (const v of voices.filter((v) => !isPreset(v))) select.add(new Option(v.id + (v.seconds ? ` (${v.seconds.toFixed(1)} s)` : ""), v.id));
     if (chosen[i] && voices.some((v) => v.id === chosen[i])) select.value = chosen[i];
     row.append(label, select);
     box.append(row);
   });
 }
 
+// A preset of the realtime model, as /v1/voices lists it beside the saved voices.
+function isPreset(v) {
+  return v.object === "voice.preset";
+}
+
+function renderModels() {
+  const select = $("model-pick");
+  const chosen = select.value;
+  select.replaceChildren();
+  const ids = models.length ? models.map((m) => m.id) : [health ? health.model : "tts-1"];
+  for (const id of ids) select.add(new Option(id, id));
+  if (ids.includes(chosen)) select.value = chosen;
+}
+
+async function loadModels() {
+  const resp = await fetch("v1/models", { headers: headers() });
+  if (resp.ok) models = (await resp.json()).data;
+  renderModels();
+}
+
 async function loadVoices() {
+  await loadModels();
   const resp = await fetch("v1/voices", { headers: headers() });
   if (!resp.ok) {
     showError("Voices: " + (await errorMessage(resp)));
     return;
   }
-  voices = (await resp.json()).data;
+  const body = await resp.json();
+  voices = [...body.data, ...(body.presets || [])]; // the realtime presets come beside the saved voices
   renderSpeakers();
+  if (window.renderLiveVoices) window.renderLiveVoices();
 }
 
 async function uploadVoice(event) {
@@ -90,6 +115,13 @@ async function uploadVoice(event) {
   $("upload-status").textContent = `Saved ${voice.id}.`;
   showError("");
   await loadVoices();
+}
+
+// An AudioContext that runs (the first click or keystroke allows it), with the play head at its clock.
+async function openAudio() {
+  const ctx = audio ? audio.ctx : new AudioContext();
+  await ctx.resume();
+  audio = { ctx, next: 0 };
 }
 
 function play(pcm) {
@@ -135,7 +167,7 @@ function decodeBase64(text) {
 
 function requestBody() {
   const body = {
-    model: health ? health.model : "tts-1",
+    model: $("model-pick").value || (health ? health.model : "tts-1"),
     input: $("script").value,
     response_format: "pcm",
     stream_format: "sse",
@@ -153,9 +185,7 @@ async function generate() {
   showError("");
   $("result").hidden = true;
   Object.assign(vv, { bytes: 0, samples: 0, chunks: 0, played: 0, seed: null });
-  const ctx = audio ? audio.ctx : new AudioContext();
-  await ctx.resume();
-  audio = { ctx, next: 0 };
+  await openAudio();
   controller = new AbortController();
   $("generate").disabled = true;
   $("stop").disabled = false;
@@ -250,6 +280,7 @@ async function start() {
   try {
     health = await (await fetch("health")).json();
     $("model").textContent = health.model;
+    renderModels();
     $("key-row").hidden = !health.auth;
     if (!health.auth || $("api-key").value) await loadVoices();
     setState("idle", "");
