@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .constants import check_option
 from .errors import UserError
+from .hub import file_sha256
 from .models import REALTIME
 
 try:
@@ -191,14 +192,6 @@ def parse_shard(text: str) -> Tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def prepare(job: Job, run: Dict[str, Any]) -> Job:
     """Read the job's script and hash its voices; `run` holds the settings shared by all jobs (model, dtype, ...;
     `family` for VibeVoice-Realtime-0.5B, whose voice is a preset: resolved here, audio refused). A missing or
@@ -217,7 +210,7 @@ def prepare(job: Job, run: Dict[str, Any]) -> Job:
     voices = []
     for v in job.voices:
         check_input_file(v, "Voice file", pipe_ok=False)  # read twice: hashed here, decoded when made
-        voices.append(_sha256(Path(v)))  # the bytes decide, not where the file lies
+        voices.append(file_sha256(Path(v)))  # the bytes decide, not where the file lies
     job.settings = {"script_sha256": hashlib.sha256(job.script.encode("utf-8")).hexdigest(), "voices": voices,
                     "seed": job.seed, **{k: job.options.get(k) for k in OPTIONS}, **run}
     return job

@@ -5,6 +5,7 @@ Only the files a VibeVoice folder needs are fetched (no pickles, no training lef
 traceback from deep inside huggingface_hub.
 """
 
+import hashlib
 import logging
 import os
 import re
@@ -109,3 +110,12 @@ def resolve(model: str, revision: Optional[str] = None, allow_patterns: Optional
         raise HubError(f"Downloading '{model}'{at} failed: {str(e).splitlines()[0]}") from None
     logger.debug("Resolved %s%s to %s", model, at, folder)
     return Path(folder)
+
+
+def file_sha256(path) -> str:
+    """The sha256 of a file's bytes, read a MiB at a time (what identifies a voice or preset file, wherever it lies)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -19,9 +19,9 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from .errors import MissingPathError
-from .hub import cache_root
+from .hub import cache_root, file_sha256
 from .output import write_atomically
-from .presets import MAX_ARCHIVE_BYTES, PresetError, PresetShape, RealtimeVoice, convert_pt, file_sha256, \
+from .presets import MAX_ARCHIVE_BYTES, PresetError, PresetShape, RealtimeVoice, convert_pt, \
     load_preset, read_meta
 
 logger = logging.getLogger(__name__)

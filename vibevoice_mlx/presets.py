@@ -11,7 +11,6 @@ last hidden state, and the lengths P and K+P. Dropped, since generation never re
 values of the `lm`/`tts_lm` hidden states (about 20 % of a file).
 """
 
-import hashlib
 import io
 import pickle
 import zipfile
@@ -25,6 +24,7 @@ import numpy as np
 
 from .audio import REALTIME_VOICE_FORMAT, VOICE_FORMAT, PathLike
 from .errors import MissingPathError, UserError
+from .hub import file_sha256
 from .output import write_atomically
 
 PRESET_FORMAT = REALTIME_VOICE_FORMAT
@@ -259,14 +259,6 @@ def _check_structure(top, path) -> Dict[str, Dict]:
 def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
     """bfloat16 bits (uint16) to float32, exactly: bfloat16 is the upper half of a float32."""
     return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
-
-
-def file_sha256(path: PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --- saved realtime voices ---
