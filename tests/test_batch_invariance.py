@@ -9,7 +9,6 @@ issue's batch of 4 differ from its solo runs at full scale once the frames diver
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 
 import vibevoice_mlx as vv
 from vibevoice_mlx import blas, engine
+from vibevoice_mlx.testing import BLAS_KINDS, run_under_blas, system_blas
 
 from test_batch import PLANS, SCRIPTS, scripted
 
@@ -54,30 +54,14 @@ print(json.dumps({{"blas": blas.active_blas()["name"], "frames": [b.frames for b
                                 for b, s in zip(batch, solo)]}}))
 """
 
-LIBRARIES = {"blis": (blas.find_system_blas("blis"), "BLIS"),
-             "openblas": (blas.find_system_blas("openblas"), "OpenBLAS"),
-             "wheel": (None, "reference BLAS (bundled with mlx[cpu])")}
-
-
 def _child(library, invariant: bool) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", blas.ENV, blas.GUARD_ENV)}
-    if library is None:
-        env[blas.ENV] = "off"
-    tests = str(Path(__file__).parent)
-    out = subprocess.run([sys.executable, "-c", CHILD.format(library=library, tests=tests, invariant=invariant)],
-                         env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.splitlines()[-1])
+    return run_under_blas(CHILD.format(library=library, tests=str(Path(__file__).parent), invariant=invariant), library)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="MLX's BLAS is only replaceable on Linux")
-@pytest.mark.parametrize("kind", list(LIBRARIES))
+@pytest.mark.parametrize("kind", BLAS_KINDS)
 def test_batch_rows_equal_solo_runs_bit_for_bit_under_each_blas(kind):
-    library, name = LIBRARIES[kind]
-    if kind != "wheel" and library is None:
-        if not os.environ.get("CI"):  # CI installs both (.ci/run): there a missing library fails the test
-            pytest.skip(f"no system {name} (apt-get install libblis4-pthread libopenblas0-pthread)")
-        pytest.fail(f"no system {name}: CI must install it")
+    library, name = system_blas(kind)
     got = _child(library, invariant=True)
     assert got["blas"] == name
     assert got["same_tokens"] == [True] * 3 and got["frames"] == [sum(p.count(259) for p in plan) for plan in PLANS]

@@ -6,9 +6,6 @@ Token choices are forced per script through the sampler hook (the tiny random mo
 each script's noise comes from its own seed.
 """
 
-import json
-import os
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -17,7 +14,7 @@ import numpy as np
 import pytest
 
 import vibevoice_mlx as vv
-from vibevoice_mlx import blas
+from vibevoice_mlx.testing import run_under_blas, system_blas
 from vibevoice_mlx.errors import UserError
 from vibevoice_mlx.generation import LiveBatch
 from vibevoice_mlx.server.cli import force_frames
@@ -217,17 +214,8 @@ print(json.dumps({{"blas": blas.active_blas()["name"], "same": same}}))
 
 @pytest.mark.skipif(sys.platform != "linux", reason="MLX's BLAS is only replaceable on Linux")
 def test_joins_equal_solo_runs_under_blis():
-    library = blas.find_system_blas("blis")
-    if library is None:
-        if not os.environ.get("CI"):  # CI installs it (.ci/run): there a missing BLIS fails the test
-            pytest.skip("no system BLIS (apt-get install libblis4-pthread)")
-        pytest.fail("no system BLIS: CI must install it")
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", blas.ENV, blas.GUARD_ENV)}
-    tests = str(Path(__file__).parent)
-    out = subprocess.run([sys.executable, "-c", CHILD.format(library=library, tests=tests)], env=env,
-                         capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
-    assert out.returncode == 0, out.stderr[-3000:]
-    got = json.loads(out.stdout.splitlines()[-1])
+    library, _ = system_blas("blis")
+    got = run_under_blas(CHILD.format(library=library, tests=str(Path(__file__).parent)), library)
     assert got["blas"] == "BLIS" and got["same"] == [[True, True]] * (A_STEPS + 1)
 
 

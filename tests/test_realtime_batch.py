@@ -3,15 +3,11 @@ row's audio equals its solo run bit for bit, with the batch-invariant model, und
 (BLIS, OpenBLAS) and the wheel's own. Each BLAS runs in a fresh interpreter that loads it as the command does.
 """
 
-import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from vibevoice_mlx import blas
+from vibevoice_mlx.testing import BLAS_KINDS, run_under_blas, system_blas
 
 CHILD = """
 import json, sys, tempfile
@@ -69,29 +65,11 @@ print(json.dumps({{"blas": blas.active_blas()["name"], "frames": [len(solo[k]) /
                    "equal": result}}))
 """
 
-LIBRARIES = {"blis": (blas.find_system_blas("blis"), "BLIS"),
-             "openblas": (blas.find_system_blas("openblas"), "OpenBLAS"),
-             "wheel": (None, "reference BLAS (bundled with mlx[cpu])")}
-
-
-def _child(library) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", blas.ENV, blas.GUARD_ENV)}
-    if library is None:
-        env[blas.ENV] = "off"
-    out = subprocess.run([sys.executable, "-c", CHILD.format(library=library)], env=env, capture_output=True,
-                         text=True, timeout=600, cwd=Path(__file__).parents[1])
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.splitlines()[-1])
-
-
 @pytest.mark.skipif(sys.platform != "linux", reason="MLX's BLAS is only replaceable on Linux")
-@pytest.mark.parametrize("kind", list(LIBRARIES))
+@pytest.mark.parametrize("kind", BLAS_KINDS)
 def test_rows_that_join_wait_and_leave_equal_their_solo_runs_under_each_blas(kind):
-    library, name = LIBRARIES[kind]
-    if kind != "wheel" and library is None:
-        if not os.environ.get("CI"):  # CI installs both (.ci/run): there a missing library fails the test
-            pytest.skip(f"no system {name} (apt-get install libblis4-pthread libopenblas0-pthread)")
-        pytest.fail(f"no system {name}: CI must install it")
-    r = _child(library)
+    library, name = system_blas(kind)
+    r = run_under_blas(CHILD.format(library=library), library)
+    assert r["blas"] == name
     assert r["frames"] == [17, 14, 5], r  # each row stops where its rule says (a frame after its stop frame)
     assert all(all(v) for v in r["equal"].values()), r

@@ -17,6 +17,7 @@ import soundfile as sf
 from click.testing import CliRunner
 
 from vibevoice_mlx import generation
+from vibevoice_mlx.testing import fake_audio_device
 from vibevoice_mlx.cli import main
 from vibevoice_mlx.engine import MLXBackend
 
@@ -219,28 +220,7 @@ def test_play_without_the_extra_says_how_to_install(tiny, tmp_path, monkeypatch,
 
 
 def test_play_streams_each_chunk_to_the_audio_device(tiny, tmp_path, monkeypatch, forced):
-    import sys
-    import types
-
-    played = []
-
-    class Stream:
-        def __init__(self, samplerate, channels, dtype):
-            assert (samplerate, channels, dtype) == (24000, 1, "float32")
-
-        def start(self):
-            pass
-
-        def write(self, block):
-            played.append(block.shape)
-
-        def stop(self):
-            played.append("stop")
-
-        def close(self):
-            pass
-
-    monkeypatch.setitem(sys.modules, "sounddevice", types.SimpleNamespace(OutputStream=Stream))
+    played = fake_audio_device(monkeypatch)
     r = _say(tiny, "Speaker 1: Hello.", "-o", tmp_path / "p.wav", "--play")
     assert r.exit_code == 0, r.output
     assert played == [(16, 1)] * K + ["stop"]

@@ -19,7 +19,7 @@ from vibevoice_mlx import windows
 from vibevoice_mlx.cli import main
 from vibevoice_mlx.errors import UserError
 from vibevoice_mlx.presets import PresetShape
-from vibevoice_mlx.testing import REALTIME_TINY
+from vibevoice_mlx.testing import REALTIME_TINY, fake_audio_device
 from vibevoice_mlx.audio import save_voice
 
 FRAMES = 4  # frames per run: the forced stop comes after the fourth
@@ -251,27 +251,7 @@ def test_a_run_that_would_not_fit_in_memory_is_refused_before_loading(tmp_path, 
 
 
 def test_play_streams_each_frame_and_formats_follow_the_extension(forced, tmp_path, monkeypatch):
-    import types
-
-    played = []
-
-    class Stream:
-        def __init__(self, samplerate, channels, dtype):
-            assert (samplerate, channels, dtype) == (24000, 1, "float32")
-
-        def start(self):
-            pass
-
-        def write(self, block):
-            played.append(block.shape)
-
-        def stop(self):
-            played.append("stop")
-
-        def close(self):
-            pass
-
-    monkeypatch.setitem(sys.modules, "sounddevice", types.SimpleNamespace(OutputStream=Stream))
+    played = fake_audio_device(monkeypatch)
     r = say(TEXT, "--voice", VOICE, "-o", tmp_path / "p.flac", "--play")
     assert r.exit_code == 0, r.output
     assert played == [(3200, 1)] * FRAMES + ["stop"]

@@ -155,3 +155,70 @@ def cache_repo(cache: Path, repo: str, files_from: Path) -> Path:
     (root / "refs").mkdir(parents=True)
     (root / "refs" / "main").write_text(HUB_COMMIT)
     return snapshot
+
+
+# The BLAS libraries batch-invariance tests run under: the system ones the command loads, and the wheel's own.
+BLAS_KINDS = ("blis", "openblas", "wheel")
+
+
+def system_blas(kind: str):
+    """(library path or None for the wheel's, its name as blas.active_blas reports it); a system library that is
+    missing skips the test locally and fails it in CI, which installs both (.ci/run)."""
+    import pytest
+
+    from . import blas
+
+    if kind == "wheel":
+        return None, "reference BLAS (bundled with mlx[cpu])"
+    name = {"blis": "BLIS", "openblas": "OpenBLAS"}[kind]
+    library = blas.find_system_blas(kind)
+    if library is None:
+        if not os.environ.get("CI"):
+            pytest.skip(f"no system {name} (apt-get install libblis4-pthread libopenblas0-pthread)")
+        pytest.fail(f"no system {name}: CI must install it")
+    return library, name
+
+
+def run_under_blas(code: str, library: Optional[str]) -> dict:
+    """Run `code` in a fresh interpreter that loads `library` as the command does (None: the wheel's BLAS), from
+    the repository root; returns the JSON its last line prints."""
+    import json
+    import subprocess
+    import sys
+
+    from . import blas
+
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", blas.ENV, blas.GUARD_ENV)}
+    if library is None:
+        env[blas.ENV] = "off"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=COMMITTED_TINY.parents[2])
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def fake_audio_device(monkeypatch) -> list:
+    """A `sounddevice` whose output stream records the shape of every block written (and "stop"), for --play."""
+    import sys
+    import types
+
+    played = []
+
+    class Stream:
+        def __init__(self, samplerate, channels, dtype):
+            assert (samplerate, channels, dtype) == (24000, 1, "float32")
+
+        def start(self):
+            pass
+
+        def write(self, block):
+            played.append(block.shape)
+
+        def stop(self):
+            played.append("stop")
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "sounddevice", types.SimpleNamespace(OutputStream=Stream))
+    return played
