@@ -196,7 +196,9 @@ def test_sixteen_staggered_sessions_none_lost_or_mixed(server, pipe):
         assert got["code"] == 1000 and got["rest"] == [], (spec["text"], got["rest"], got["code"])
         assert len(got["audio"]) == FORCED_FRAMES * FRAME_BYTES, spec["text"]  # none lost
         assert got["audio"] == want, spec["text"]  # none mixed: each equals its solo run
-        assert got["done"]["usage"]["characters"] == len(spec["text"])
+        # the characters received when the utterance ended: all of them, or fewer when the (forced) stop came while
+        # pieces were still arriving (the rest belongs to the stopped utterance and is not spoken, as in the solo run)
+        assert 0 < got["done"]["usage"]["characters"] <= len(spec["text"])
     assert after["live_sessions"] == 0 and after["live_rows"] == 0
     server_ttfa = [r["done"]["usage"]["time_to_first_audio_s"] for r in results]
     client_ttfa = [r["client_ttfa"] for r in results]

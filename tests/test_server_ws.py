@@ -344,17 +344,21 @@ def test_15b_speaks_in_the_sessions_saved_voice(server15):
 
 def test_an_utterance_the_model_ends_before_input_done_leaves_the_session_as_it_was(rt_server, rt_pipe):
     """The model's own stop (EOS; forced here) ends an utterance whose text was never flushed: its
-    speech.audio.done comes, later text is a new utterance that input.done speaks, and the idle timeout holds."""
+    speech.audio.done comes; text until input.done still belongs to it and is not spoken (as in the whole-text run);
+    input.done closes it without another done; the next text is a new utterance; the idle timeout holds."""
     long_text = "Pending text, never flushed, and it goes on for a while longer than the stop."
     with connect(ws_url(rt_server)) as ws:
         send(ws, type="session.config", voice="test_voice", seed=3)
         json.loads(ws.recv(timeout=30))
         send(ws, type="input.text", text=long_text)
         first, done = utterance(ws)
+        send(ws, type="input.text", text=" More of the same utterance.")
+        send(ws, type="input.done")
         send(ws, type="input.text", text="Second one.")
         send(ws, type="input.done")
         second, done2 = utterance(ws)
         messages, code = closing(ws, timeout=30)  # nothing more is sent: the session idles out
     assert len(first) == FORCED_FRAMES * HOP * 2 and done["usage"]["characters"] == len(long_text)
-    assert second == realtime_reference(rt_pipe, "Second one.", 3)
+    assert first == realtime_reference(rt_pipe, long_text + " More of the same utterance.", 3)
+    assert second == realtime_reference(rt_pipe, "Second one.", 3) and done2["usage"]["characters"] == 11
     assert [m.get("code") for m in messages] == ["idle_timeout"] and code == 1000

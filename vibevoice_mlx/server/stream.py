@@ -222,7 +222,7 @@ class Session:
 
     def flush(self) -> None:
         utt, self.current = self.current, None
-        if utt is None:
+        if utt is None or utt.get("ended"):  # nothing pending, or spoken and done already
             return
         self.speaking += 1
         if self.realtime:
@@ -298,8 +298,8 @@ class Session:
             await self.send_json({"type": "speech.audio.done", "usage": {
                 "characters": utt["chars"], "audio_seconds": round(frames * hop / 24000, 4),
                 "time_to_first_audio_s": None if first is None else round(first - utt["start"], 4)}})
-            if utt is self.current:  # it ended on its own (the model's stop, max_seconds) before input.done:
-                self.current = None  # later text begins a new utterance
+            if utt is self.current:  # it ended on its own (the model's stop, max_seconds) before input.done: the
+                utt["ended"] = True  # rest of its text is not spoken, as in the whole-text run; input.done closes it
             else:
                 self.speaking -= 1
             self.open.remove(utt)
